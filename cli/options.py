@@ -1,0 +1,392 @@
+"""Command-line options shared by the subcommands, and their conversion to typed configs.
+
+Every value is validated once, here, by an argparse ``type=`` function, so a bad value
+stops the CLI with a one-line ``argparse`` error (exit status 2) before anything starts.
+The configs (:class:`engine.worker_config.WorkerConfig`, :class:`router.config.RouterConfig`)
+are built from the parsed namespace and converted back to flags by :func:`worker_flags`
+and :func:`router_flags`, which is how ``tandem serve`` starts its child processes.
+
+This module is torch-free: ``tandem --help`` and ``tandem router`` import it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from engine.worker_config import BUNDLED_MODEL_DIR, Role, WorkerConfig
+from router.config import RouterConfig
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+ROUTING_POLICIES = ("least-loaded", "round-robin")
+KV_TRANSPORTS = ("tcp", "cuda_ipc", "nccl")
+GIB = 1024**3
+
+
+# --- argparse ``type=`` validators -------------------------------------------------
+
+
+def positive_int(text: str) -> int:
+    """An integer >= 1."""
+    value = _int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An integer >= 0."""
+    value = _int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def power_of_two(text: str) -> int:
+    """A positive power of two (1, 2, 4, ...)."""
+    value = positive_int(text)
+    if value & (value - 1):
+        raise argparse.ArgumentTypeError(f"must be a positive power of two, got {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port in [0, 65535]; 0 lets the server pick a free one."""
+    value = _int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
+    return value
+
+
+def device_name(text: str) -> str:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
+    if not DEVICE_PATTERN.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+def model_dir(text: str) -> Path:
+    """An existing checkpoint directory."""
+    path = Path(text).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"model directory not found: {text!r}")
+    return path
+
+
+def redis_url(text: str) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL."""
+    if not text.startswith(("redis://", "rediss://", "unix://")):
+        raise argparse.ArgumentTypeError(f"must be a redis://, rediss:// or unix:// URL, got {text!r}")
+    return text
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+
+
+# --- option groups ----------------------------------------------------------------
+
+
+def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -> None:
+    """Adds ``--model`` and ``--max-model-len``; with ``engine`` also the KV cache and device options."""
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        type=model_dir,
+        default=BUNDLED_MODEL_DIR,
+        metavar="DIR",
+        help="checkpoint directory with config.json, *.safetensors and tokenizer.json "
+        "(default: the bundled tiny model)",
+    )
+    group.add_argument(
+        "--max-model-len",
+        type=positive_int,
+        metavar="N",
+        help="longest prompt plus completion, in tokens (default: the model's max_position_embeddings)",
+    )
+    if not engine:
+        return
+    group.add_argument(
+        "--device",
+        type=device_name,
+        default="auto",
+        help="auto (cuda when available), cpu, cuda or cuda:N (default: auto)",
+    )
+    group.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="weight and KV cache dtype; auto keeps the checkpoint's (float32 on CPU for float16) "
+        "(default: auto)",
+    )
+    cache = parser.add_argument_group("KV cache")
+    cache.add_argument(
+        "--num-kv-blocks",
+        type=positive_int,
+        metavar="N",
+        help="blocks in the KV pool (default: sized from --kv-cache-memory-gb)",
+    )
+    cache.add_argument(
+        "--kv-cache-memory-gb",
+        type=positive_float,
+        default=WorkerConfig.kv_cache_memory_bytes / GIB,
+        metavar="GIB",
+        help="memory budget of the KV pool in GiB, used without --num-kv-blocks (default: %(default)s)",
+    )
+    cache.add_argument(
+        "--block-size",
+        type=power_of_two,
+        default=WorkerConfig.block_size,
+        metavar="N",
+        help="tokens per KV block, a power of two (default: %(default)s)",
+    )
+
+
+def add_network_options(
+    parser: argparse.ArgumentParser, *, default_port: int, redis_url_default: str | None
+) -> None:
+    """Adds ``--host``, ``--port``, ``--metrics-port``, ``--redis-url`` and ``--redis-prefix``."""
+    group = parser.add_argument_group("network")
+    group.add_argument(
+        "--host", default="127.0.0.1", help="address the servers bind to (default: %(default)s)"
+    )
+    group.add_argument(
+        "--port",
+        type=port_number,
+        default=default_port,
+        help="gRPC port; 0 picks a free one (default: %(default)s)",
+    )
+    group.add_argument(
+        "--metrics-port",
+        type=port_number,
+        default=0,
+        metavar="PORT",
+        help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)",
+    )
+    redis_help = (
+        "Redis server of the worker registry (default: %(default)s)"
+        if redis_url_default
+        else "use this Redis server instead of starting one (default: start a private redis-server)"
+    )
+    group.add_argument(
+        "--redis-url", type=redis_url, default=redis_url_default, metavar="URL", help=redis_help
+    )
+    group.add_argument(
+        "--redis-prefix",
+        default=WorkerConfig.redis_prefix,
+        metavar="PREFIX",
+        help="prefix of every Redis key Tandem writes (default: %(default)s)",
+    )
+
+
+def add_worker_options(parser: argparse.ArgumentParser, *, role: Role | None) -> None:
+    """Adds the scheduler and transfer options of a ``role`` worker.
+
+    A worker (``role`` given) also gets ``--worker-id``, and a decode worker
+    ``--transfer-port``; ``tandem serve`` (``role=None``) assigns both itself.
+    """
+    group = parser.add_argument_group("worker")
+    if role is not None:
+        group.add_argument(
+            "--worker-id", metavar="ID", help="stable worker id (default: <role>-<hostname>-<pid>)"
+        )
+    if role == "decode":
+        group.add_argument(
+            "--transfer-port",
+            type=port_number,
+            default=0,
+            metavar="PORT",
+            help="port of the decode worker's KV receiver; 0 picks a free one (default: %(default)s)",
+        )
+    group.add_argument(
+        "--kv-transport",
+        choices=KV_TRANSPORTS,
+        default=WorkerConfig.kv_transport,
+        help="KV transfer backend (default: %(default)s)",
+    )
+    group.add_argument(
+        "--lease-ms",
+        type=positive_int,
+        default=WorkerConfig.lease_ms,
+        metavar="MS",
+        help="lease of a decode reservation in milliseconds (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-num-seqs",
+        type=positive_int,
+        default=WorkerConfig.max_num_seqs,
+        metavar="N",
+        help="most requests in one batch (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-num-batched-tokens",
+        type=positive_int,
+        default=WorkerConfig.max_num_batched_tokens,
+        metavar="N",
+        help="most tokens computed in one step (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-queue-len",
+        type=positive_int,
+        default=WorkerConfig.max_queue_len,
+        metavar="N",
+        help="most waiting requests; more are refused with RESOURCE_EXHAUSTED (default: %(default)s)",
+    )
+    group.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=WorkerConfig.seed,
+        help="seed of the worker's global random generator (default: %(default)s)",
+    )
+
+
+def add_router_options(parser: argparse.ArgumentParser, *, standalone: bool = True) -> None:
+    """Adds ``--routing`` and the router's queue limit; ``standalone`` also adds ``--lease-ms``.
+
+    Under ``tandem serve`` (``standalone=False``) the queue limit is spelled
+    ``--router-max-queue-len`` because ``--max-queue-len`` is the workers' option, and
+    ``--lease-ms`` comes from :func:`add_worker_options`.
+    """
+    group = parser.add_argument_group("router")
+    group.add_argument(
+        "--routing",
+        choices=ROUTING_POLICIES,
+        default=RouterConfig.routing,
+        help="how the router picks workers (default: %(default)s)",
+    )
+    group.add_argument(
+        "--max-queue-len" if standalone else "--router-max-queue-len",
+        dest="router_max_queue_len",
+        type=positive_int,
+        default=RouterConfig.max_queue_len,
+        metavar="N",
+        help="most requests in flight at the router; more are refused with RESOURCE_EXHAUSTED "
+        "(default: %(default)s)",
+    )
+    if standalone:
+        group.add_argument(
+            "--lease-ms",
+            type=positive_int,
+            default=RouterConfig.lease_ms,
+            metavar="MS",
+            help="lease asked of decode workers for each reservation, in ms (default: %(default)s)",
+        )
+
+
+# --- namespace -> config -> flags ---------------------------------------------------
+
+
+def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfig:
+    """Builds the config of a ``role`` worker from options added by the ``add_*_options`` above.
+
+    ``--kv-cache-memory-gb`` (GiB) becomes ``kv_cache_memory_bytes`` (bytes, truncated).
+    Options that the parser lacks (``--worker-id``, ``--transfer-port`` under ``serve``)
+    keep the config's defaults.
+    """
+    return WorkerConfig(
+        role=role,
+        model=Path(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        num_kv_blocks=args.num_kv_blocks,
+        kv_cache_memory_bytes=int(args.kv_cache_memory_gb * GIB),
+        block_size=args.block_size,
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        redis_url=args.redis_url or WorkerConfig.redis_url,
+        redis_prefix=args.redis_prefix,
+        worker_id=getattr(args, "worker_id", None),
+        kv_transport=args.kv_transport,
+        transfer_port=getattr(args, "transfer_port", WorkerConfig.transfer_port),
+        lease_ms=args.lease_ms,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_queue_len=args.max_queue_len,
+        seed=args.seed,
+    )
+
+
+def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
+    """Builds the router's config from options added by the ``add_*_options`` above."""
+    return RouterConfig(
+        model=Path(args.model),
+        host=args.host,
+        port=args.port,
+        metrics_port=args.metrics_port,
+        redis_url=args.redis_url or RouterConfig.redis_url,
+        redis_prefix=args.redis_prefix,
+        max_model_len=args.max_model_len,
+        routing=args.routing,
+        max_queue_len=args.router_max_queue_len,
+        lease_ms=args.lease_ms,
+    )
+
+
+def worker_flags(config: WorkerConfig) -> list[str]:
+    """The ``tandem prefill|decode`` flags that parse back to ``config`` (role excluded).
+
+    ``transfer_port`` is passed to decode workers only, ``worker_id`` only when set.
+    """
+    flags = [
+        *("--model", str(config.model)),
+        *("--device", config.device),
+        *("--dtype", config.dtype),
+        *("--kv-cache-memory-gb", repr(config.kv_cache_memory_bytes / GIB)),
+        *("--block-size", str(config.block_size)),
+        *("--host", config.host),
+        *("--port", str(config.port)),
+        *("--metrics-port", str(config.metrics_port)),
+        *("--redis-url", config.redis_url),
+        *("--redis-prefix", config.redis_prefix),
+        *("--kv-transport", config.kv_transport),
+        *("--lease-ms", str(config.lease_ms)),
+        *("--max-num-seqs", str(config.max_num_seqs)),
+        *("--max-num-batched-tokens", str(config.max_num_batched_tokens)),
+        *("--max-queue-len", str(config.max_queue_len)),
+        *("--seed", str(config.seed)),
+    ]
+    if config.max_model_len is not None:
+        flags += ["--max-model-len", str(config.max_model_len)]
+    if config.num_kv_blocks is not None:
+        flags += ["--num-kv-blocks", str(config.num_kv_blocks)]
+    if config.worker_id is not None:
+        flags += ["--worker-id", config.worker_id]
+    if config.role == "decode":
+        flags += ["--transfer-port", str(config.transfer_port)]
+    return flags
+
+
+def router_flags(config: RouterConfig) -> list[str]:
+    """The ``tandem router`` flags that parse back to ``config``."""
+    flags = [
+        *("--model", str(config.model)),
+        *("--host", config.host),
+        *("--port", str(config.port)),
+        *("--metrics-port", str(config.metrics_port)),
+        *("--redis-url", config.redis_url),
+        *("--redis-prefix", config.redis_prefix),
+        *("--routing", config.routing),
+        *("--max-queue-len", str(config.max_queue_len)),
+        *("--lease-ms", str(config.lease_ms)),
+    ]
+    if config.max_model_len is not None:
+        flags += ["--max-model-len", str(config.max_model_len)]
+    return flags

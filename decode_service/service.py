@@ -1,0 +1,182 @@
+"""The ``tandem.v1.DecodeWorker`` servicer.
+
+Request lifecycle on a decode worker:
+  1. ``Reserve``: the scheduler takes ``ceil(prompt / block_size)`` blocks for
+     the request (``CapacityExceeded`` → ``RESOURCE_EXHAUSTED``: the reservation
+     is the credit); the KV receiver is told to expect writes into exactly those
+     blocks, for this epoch; a lease timer frees them if nobody claims them.
+  2. a prefill worker pushes the KV through ``kvtransfer`` (checksums verified
+     before anything is written to the cache).
+  3. ``Decode``: claims the reservation, waits until every block has arrived,
+     joins the request to the running batch and streams its tokens. A
+     cancelled or failed stream aborts the request, freeing its blocks.
+  ``Release`` (or the lease) ends a reservation that will not be decoded.
+The engine's state is touched only on the engine thread (``EngineLoop.call``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+
+from decode_service.reservations import Reservation, ReservationTable, lease_expiry_unix_ms
+from engine.codec import finish_reason_to_pb, sampling_params_from_pb
+from engine.engine_core import EngineCore
+from engine.errors import InvalidRequest, TandemError
+from engine.request import EngineOutput, Request
+from engine.serving import abort_with
+from engine.worker_runtime import WorkerRuntime
+from kvtransfer.base import KvReceiver
+from kvtransfer.layout import KvDestination
+from tandem.v1 import worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
+    """Reserves blocks, receives KV and streams generated tokens."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self._rt = runtime
+        self._receiver: KvReceiver | None = None
+        self._receiver_address = ""
+        self._table: ReservationTable | None = None
+
+    def attach(self, receiver: KvReceiver, address: str) -> None:
+        """Use ``receiver`` (listening on ``address``) for incoming KV; call before serving."""
+        self._receiver = receiver
+        self._receiver_address = address
+
+    @property
+    def receiver(self) -> KvReceiver:
+        assert self._receiver is not None, "DecodeService.attach() was not called"
+        return self._receiver
+
+    @property
+    def table(self) -> ReservationTable:
+        """Live reservations (created once the epoch is known)."""
+        if self._table is None:
+            self._table = ReservationTable(self._rt.epoch, self._on_lease_expired)
+        return self._table
+
+    async def Reserve(
+        self, request: worker_pb2.ReserveRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReserveResponse:
+        try:
+            return await self._reserve(request)
+        except TandemError as exc:
+            await abort_with(context, exc)
+
+    async def _reserve(self, request: worker_pb2.ReserveRequest) -> worker_pb2.ReserveResponse:
+        if request.num_prompt_tokens < 1:
+            raise InvalidRequest("num_prompt_tokens", "must be >= 1")
+        rid = f"{request.request_id}#{uuid.uuid4().hex[:12]}"
+        n_tokens, max_tokens = request.num_prompt_tokens, request.max_tokens or None
+        block_ids = await self._rt.loop.call(lambda c: c.scheduler.reserve(rid, n_tokens, max_tokens))
+        lease_s = (request.lease_ms or self._rt.config.lease_ms) / 1000.0
+        reservation = Reservation(
+            rid, request.request_id, self._rt.epoch, block_ids, n_tokens, lease_expiry_unix_ms(lease_s)
+        )
+        self.receiver.expect(rid, request.request_id, self._rt.epoch, block_ids)
+        self.table.add(reservation, lease_s)
+        destination = KvDestination(
+            worker_id=self._rt.worker_id,
+            epoch=self._rt.epoch,
+            reservation_id=rid,
+            block_ids=tuple(block_ids),
+            transport=self._rt.config.kv_transport,
+            transfer_address=self._receiver_address,
+            layout=self._rt.layout,
+            lease_expires_unix_ms=reservation.expires_unix_ms,
+        )
+        return worker_pb2.ReserveResponse(destination=destination.to_pb())
+
+    async def Release(
+        self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.ReleaseResponse:
+        reservation = self.table.release(request.reservation_id, request.epoch)
+        if reservation is None:
+            return worker_pb2.ReleaseResponse(released=False)
+        await self._free_reservation(reservation.reservation_id)
+        return worker_pb2.ReleaseResponse(released=True)
+
+    def _on_lease_expired(self, reservation: Reservation) -> None:
+        logger.warning(
+            "lease of %s expired: releasing %d blocks", reservation.reservation_id, len(reservation.block_ids)
+        )
+        self._rt.spawn(self._free_reservation(reservation.reservation_id))
+
+    async def _free_reservation(self, rid: str) -> None:
+        self.receiver.forget(rid)
+        await self._rt.loop.call(lambda c: c.scheduler.release_reservation(rid))
+
+    async def Decode(
+        self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        try:
+            reservation = self.table.claim(request.reservation_id, request.epoch)
+        except TandemError as exc:
+            await abort_with(context, exc)
+        rid = reservation.reservation_id
+        queue = self._rt.loop.open_stream(rid)
+        added = False
+        try:
+            sampling = sampling_params_from_pb(request.sampling)
+            timeout_s = request.transfer_wait_ms / 1000.0 or max(
+                0.1, reservation.expires_unix_ms / 1000.0 - time.time()
+            )
+            received = await self.receiver.wait_complete(rid, timeout_s=min(timeout_s, 600.0))
+            self._rt.metrics.kv_transfer_bytes.labels(backend=self._rt.config.kv_transport).inc(
+                received.num_bytes
+            )
+            req = Request(
+                req_id=rid,
+                prompt_token_ids=list(request.prompt_token_ids),
+                sampling=sampling,
+                eos_token_ids=self._rt.eos_token_ids,
+            )
+            first = request.first_token_id
+            start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_request(req, first))
+            added = True
+            async for out in self._outputs(start, queue):
+                yield worker_pb2.DecodeResponse(
+                    token_ids=out.new_token_ids, finish_reason=finish_reason_to_pb(out.finish_reason)
+                )
+        except TandemError as exc:
+            await abort_with(context, exc)
+        finally:
+            self._rt.loop.close_stream(rid)
+            self.receiver.forget(rid)
+            self._rt.spawn(self._abort(rid, added))
+
+    async def _outputs(
+        self, start: EngineOutput, queue: asyncio.Queue[EngineOutput]
+    ) -> AsyncIterator[EngineOutput]:
+        if start.finished:
+            yield start
+            return
+        while True:
+            out = await queue.get()
+            if isinstance(out, BaseException):
+                raise out
+            yield out
+            if out.finished:
+                return
+
+    async def _abort(self, rid: str, added: bool) -> None:
+        """Free whatever ``rid`` still holds (a finished request holds nothing)."""
+
+        def abort(core: EngineCore) -> None:
+            if added:
+                core.abort_request(rid)
+            else:
+                core.scheduler.release_reservation(rid)
+
+        with contextlib.suppress(Exception):
+            await self._rt.loop.call(abort)

@@ -1,0 +1,52 @@
+"""The seam between the scheduler and the model runner (torch-free).
+
+Each step the scheduler hands the runner one :class:`SequenceInput` per scheduled
+request; the runner computes them in one forward pass over the paged KV cache and
+returns one sampled token (or ``None``) per input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.sampling_params import SamplingParams
+
+
+@dataclass
+class SequenceInput:
+    """One request's slice of a step.
+
+    Attributes:
+        req_id: the request's id.
+        token_ids: tokens to compute this step: a prompt chunk (prefill) or the
+            last sampled token (decode). Length >= 1.
+        start_pos: position of ``token_ids[0]`` in the sequence, i.e. the
+            request's ``num_computed_tokens`` before this step (tokens whose KV
+            is already in the cache).
+        block_table: block ids of the request, in order; covers at least
+            ``start_pos + len(token_ids)`` tokens. Token at position ``p`` lives
+            in slot ``block_table[p // block_size] * block_size + p % block_size``.
+        sample: sample a token after this step (False for a prompt chunk that
+            is not the last).
+        sampling: the request's sampling parameters.
+        output_index: index, among the request's generated tokens, of the token
+            sampled this step (0 for the first token); seeds per-token generators.
+    """
+
+    req_id: str
+    token_ids: list[int]
+    start_pos: int
+    block_table: list[int]
+    sample: bool
+    sampling: SamplingParams
+    output_index: int = 0
+
+    @property
+    def is_prefill(self) -> bool:
+        """True when this slice computes prompt tokens (more than one token or none cached)."""
+        return len(self.token_ids) > 1 or self.start_pos == 0
+
+    @property
+    def end_pos(self) -> int:
+        """Sequence length after this step (tokens), ``start_pos + len(token_ids)``."""
+        return self.start_pos + len(self.token_ids)

@@ -1,0 +1,58 @@
+"""The engine core: one scheduler plus one model executor, stepped by the caller.
+
+A step is: ``Scheduler.schedule()`` picks the tokens to compute, the executor
+runs them in one forward pass and samples, and ``Scheduler.update_from_output``
+applies the sampled tokens. Not thread-safe: the serving layer runs the core on
+one thread (``engine/engine_loop.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from engine.batch import SequenceInput
+from engine.request import EngineOutput, Request
+from engine.scheduler import Scheduler
+
+__all__ = ["EngineCore", "EngineOutput", "ModelExecutor"]
+
+
+class ModelExecutor(Protocol):
+    """Anything that computes a step (``engine.model_runner.ModelRunner``, or a fake in tests)."""
+
+    def execute(self, seqs: list[SequenceInput]) -> list[int | None]:
+        """Compute ``seqs`` in one pass; return one sampled token id per input (``None`` if not sampled)."""
+        ...
+
+
+class EngineCore:
+    """Drives a :class:`Scheduler` and a :class:`ModelExecutor`.
+
+    Args:
+        scheduler: owns the requests and the KV cache bookkeeping.
+        runner: computes the scheduled inputs.
+    """
+
+    def __init__(self, scheduler: Scheduler, runner: ModelExecutor) -> None:
+        self.scheduler = scheduler
+        self.runner = runner
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request (see :meth:`Scheduler.add_request` for the errors raised)."""
+        self.scheduler.add_request(request)
+
+    def abort_request(self, req_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks; returns whether it was known."""
+        return self.scheduler.abort_request(req_id)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether a step would have work (waiting or running requests)."""
+        return self.scheduler.has_unfinished_requests()
+
+    def step(self) -> list[EngineOutput]:
+        """Run one step; return one output per request that sampled a token."""
+        scheduler_output = self.scheduler.schedule()
+        if not scheduler_output.seqs:
+            return []
+        sampled = self.runner.execute(scheduler_output.seqs)
+        return self.scheduler.update_from_output(scheduler_output, sampled)

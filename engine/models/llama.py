@@ -1,0 +1,236 @@
+"""Llama decoder (Touvron et al., 2023, arXiv:2302.13971) over the paged KV cache.
+
+RMSNorm, grouped-query attention with rotary embeddings, SwiGLU MLP, and a tied
+or separate LM head. The forward pass takes a flattened variable-length batch
+(see :mod:`engine.attention`). Query/key/value and gate/up projections are
+fused; :attr:`LlamaForCausalLM.stacked_params` tells the loader which
+checkpoint tensors fill which slice.
+
+Variants are small subclasses: :meth:`LlamaForCausalLM.attention_biases`
+chooses which projections carry a bias (Qwen2: q/k/v only) and
+:meth:`LlamaAttention.normalize_qk` is the hook for per-head q/k norms (Qwen3).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from engine.attention import AttentionBackend, AttentionMetadata
+from engine.config import ModelConfig
+from engine.models.registry import register_model
+from engine.models.rope import RotaryEmbedding
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm (Zhang & Sennrich, 2019, arXiv:1910.07467).
+
+    Normalises in float32 and casts back before scaling, as the Llama reference does.
+    """
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: ``[..., hidden_size]``; returns the same shape and dtype."""
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class MergedLinear(nn.Linear):
+    """A linear layer whose output stacks several checkpoint projections.
+
+    Args:
+        in_features: input size.
+        output_sizes: output size of each stacked projection, in order.
+        bias: the projections carry a bias.
+    """
+
+    def __init__(self, in_features: int, output_sizes: list[int], bias: bool) -> None:
+        super().__init__(in_features, sum(output_sizes), bias=bias)
+        self.output_sizes = output_sizes
+
+    def load_shard(self, param_name: str, shard: int, tensor: torch.Tensor) -> None:
+        """Copy checkpoint projection number ``shard`` into ``weight`` or ``bias`` rows.
+
+        Raises:
+            ValueError: ``tensor``'s shape does not match the slice.
+        """
+        param: torch.Tensor = getattr(self, param_name)
+        offset = sum(self.output_sizes[:shard])
+        target = param.data[offset : offset + self.output_sizes[shard]]
+        if target.shape != tensor.shape:
+            raise ValueError(
+                f"shard {shard} of {param_name}: expected {tuple(target.shape)}, got {tuple(tensor.shape)}"
+            )
+        target.copy_(tensor)
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query self-attention of one layer over its slice of the paged cache."""
+
+    def __init__(
+        self, config: ModelConfig, attn_backend: AttentionBackend, qkv_bias: bool, o_bias: bool
+    ) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim**-0.5
+        self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
+        self.rotary_emb = RotaryEmbedding(
+            self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
+        )
+        self.attn_backend = attn_backend
+
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hook applied to ``q`` ``[T, H, D]`` and ``k`` ``[T, KVH, D]`` before RoPE; identity in Llama."""
+        return q, k
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        layer_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``hidden`` ``[T, hidden_size]`` -> ``[T, hidden_size]``; writes this step's KV."""
+        num_tokens = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        q, k = self.normalize_qk(q, k)
+        q, k = self.rotary_emb(positions, q, k)
+        self.attn_backend.write_kv(layer_cache, k, v, attn_metadata)
+        out = self.attn_backend.forward(q, layer_cache, attn_metadata, self.scale)
+        return self.o_proj(out.reshape(num_tokens, self.q_size))
+
+
+class LlamaMLP(nn.Module):
+    """SwiGLU feed-forward (Shazeer, 2020, arXiv:2002.05202): ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        size = config.intermediate_size
+        self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], config.mlp_bias)
+        self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[T, hidden_size]`` -> ``[T, hidden_size]``."""
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    """Pre-norm residual block: attention then MLP."""
+
+    def __init__(self, config: ModelConfig, self_attn: LlamaAttention) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        layer_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """``[T, hidden_size]`` -> ``[T, hidden_size]``."""
+        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), layer_cache, attn_metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers and final norm (checkpoint prefix ``model.``)."""
+
+    def __init__(self, config: ModelConfig, layers: list[LlamaDecoderLayer]) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+@register_model("LlamaForCausalLM")
+class LlamaForCausalLM(nn.Module):
+    """Llama causal LM over a paged KV cache.
+
+    Args:
+        config: the checkpoint's configuration.
+        attn_backend: attention implementation shared by every layer.
+    """
+
+    #: Checkpoint projection name -> (our fused parameter's module name, shard index).
+    stacked_params: ClassVar[dict[str, tuple[str, int]]] = {
+        "q_proj": ("qkv_proj", 0),
+        "k_proj": ("qkv_proj", 1),
+        "v_proj": ("qkv_proj", 2),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
+    }
+    attention_cls: ClassVar[type[LlamaAttention]] = LlamaAttention
+
+    def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
+        super().__init__()
+        self.config = config
+        qkv_bias, o_bias = self.attention_biases(config)
+        layers = [
+            LlamaDecoderLayer(config, self.attention_cls(config, attn_backend, qkv_bias, o_bias))
+            for _ in range(config.num_hidden_layers)
+        ]
+        self.model = LlamaModel(config, layers)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+
+    def tie_weights(self) -> None:
+        """Share the embedding with the LM head when the config ties them.
+
+        Called again after materialising from the meta device, which unties.
+        """
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def attention_biases(cls, config: ModelConfig) -> tuple[bool, bool]:
+        """``(qkv_bias, o_bias)``: Llama's ``attention_bias`` covers all four projections."""
+        return config.attention_bias, config.attention_bias
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Run the decoder over a flattened batch.
+
+        Args:
+            input_ids: int64 ``[T]``.
+            positions: int64 ``[T]``, each token's position in its sequence.
+            kv_cache: ``[num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim]``;
+                this step's keys and values are written into it.
+            attn_metadata: the batch's layout (see :class:`AttentionMetadata`).
+
+        Returns:
+            Final-norm hidden states ``[T, hidden_size]`` in the model dtype.
+        """
+        hidden = self.model.embed_tokens(input_ids)
+        for layer_idx, layer in enumerate(self.model.layers):
+            hidden = layer(positions, hidden, kv_cache[layer_idx], attn_metadata)
+        return self.model.norm(hidden)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """``hidden`` ``[N, hidden_size]`` -> float32 logits ``[N, vocab_size]``."""
+        return self.lm_head(hidden).float()

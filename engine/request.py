@@ -1,0 +1,149 @@
+"""One generation request as the scheduler tracks it, and what a step reports about it.
+
+A request is a token sequence (prompt, then generated tokens) with a cursor,
+``num_computed_tokens``: the tokens whose KV is in the cache. Each step computes
+``all_token_ids[num_computed_tokens:...]``; prefill, chunked prefill, decode and
+recompute after preemption are all the same operation (vLLM v1's token-cursor
+design). Torch-free.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from engine.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    """Where a request is in its life."""
+
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "finished_stopped"
+    FINISHED_LENGTH = "finished_length"
+    FINISHED_ABORTED = "finished_aborted"
+
+    @property
+    def is_finished(self) -> bool:
+        """True for the three ``FINISHED_*`` states."""
+        return self in _FINISH_REASONS
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+def finish_reason(status: RequestStatus) -> str | None:
+    """``"stop"``, ``"length"`` or ``"abort"`` for a finished status, else ``None``."""
+    return _FINISH_REASONS.get(status)
+
+
+@dataclass
+class EngineOutput:
+    """What one step produced for one request.
+
+    Attributes:
+        req_id: the request.
+        new_token_ids: tokens generated this step (0 or 1 today).
+        finished: the request is done; no further outputs follow.
+        finish_reason: ``"stop"``, ``"length"`` or ``"abort"`` when finished.
+        num_cached_tokens: prompt tokens whose KV was reused from the prefix
+            cache instead of computed (tokens).
+    """
+
+    req_id: str
+    new_token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Request:
+    """A request inside the scheduler (compared by identity).
+
+    Attributes:
+        req_id: unique id.
+        prompt_token_ids: the prompt (>= 1 token).
+        sampling: sampling parameters (``max_tokens``, ``ignore_eos``, ...).
+        eos_token_ids: tokens that end generation unless ``sampling.ignore_eos``.
+        max_model_len: most tokens (prompt plus output) of the sequence;
+            ``None`` until the scheduler fills in its own limit.
+        arrival_time: ``time.monotonic()`` at creation (seconds).
+        hold_blocks_on_finish: keep the KV blocks after finishing until the
+            scheduler's ``release_held`` (prefill worker: the KV is pushed first).
+        output_token_ids: generated tokens so far.
+        num_computed_tokens: tokens whose KV is in the cache (the cursor).
+        num_cached_tokens: prompt tokens reused from the prefix cache.
+        status: see :class:`RequestStatus`.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    eos_token_ids: Sequence[int] = ()
+    max_model_len: int | None = None
+    arrival_time: float = field(default_factory=time.monotonic)
+    hold_blocks_on_finish: bool = False
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    num_cached_tokens: int = 0
+    status: RequestStatus = RequestStatus.WAITING
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        """Prompt length (tokens)."""
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus generated tokens."""
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        """Prompt followed by generated tokens (a new list)."""
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def is_finished(self) -> bool:
+        """True once the status is one of the ``FINISHED_*`` states."""
+        return self.status.is_finished
+
+    def token_ids_between(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without copying the whole sequence."""
+        num_prompt = len(self.prompt_token_ids)
+        if start >= num_prompt:
+            return self.output_token_ids[start - num_prompt : end - num_prompt]
+        if end <= num_prompt:
+            return self.prompt_token_ids[start:end]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - num_prompt]
+
+    def append_output_token(self, token_id: int) -> None:
+        """Record one generated token."""
+        self.output_token_ids.append(token_id)
+
+    def check_stop(self) -> bool:
+        """Finish the request if its last token ends it; return whether it is finished.
+
+        EOS is checked first (``FINISHED_STOPPED`` unless ``ignore_eos``), then
+        length: ``max_tokens`` outputs or ``max_model_len`` tokens in all
+        (``FINISHED_LENGTH``). A token that is both EOS and the last allowed one
+        reports ``"stop"``.
+        """
+        if not self.output_token_ids:
+            return False
+        if not self.sampling.ignore_eos and self.output_token_ids[-1] in self.eos_token_ids:
+            self.status = RequestStatus.FINISHED_STOPPED
+        elif len(self.output_token_ids) >= self.sampling.max_tokens or (
+            self.max_model_len is not None and self.num_tokens >= self.max_model_len
+        ):
+            self.status = RequestStatus.FINISHED_LENGTH
+        return self.is_finished

@@ -1,0 +1,411 @@
+"""Continuous-batching scheduler with chunked prefill and recompute preemption.
+
+Each request carries a cursor, ``num_computed_tokens``; a step computes the next
+tokens after the cursor, so prefill, chunked prefill, decode and recompute are
+one operation (the token-cursor design of vLLM v1 and nano-vllm; Tandem's code).
+One :meth:`Scheduler.schedule` call:
+
+  1. gives each RUNNING request, oldest first, its remaining tokens (one for a
+     decode, the rest of the prompt for a chunked prefill) within the step's
+     token budget. When the pool has no block for it, the NEWEST running request
+     is preempted (blocks freed, cursor reset to 0, put at the FRONT of the
+     waiting queue) until it fits, so the oldest request always progresses;
+  2. when nothing was preempted, admits WAITING requests first come first served
+     while ``max_num_seqs``, the token budget and free blocks allow; a prompt
+     longer than the remaining budget is split, and only the chunk that reaches
+     the end of the sequence samples a token.
+
+:meth:`Scheduler.update_from_output` then advances cursors, appends sampled
+tokens, applies stop conditions and frees finished requests' blocks.
+
+Disaggregated roles:
+
+- prefill worker: a request with ``hold_blocks_on_finish`` keeps its blocks
+  when it finishes (after its first token) in a *held* map until
+  :meth:`Scheduler.release_held`, so the service can push its KV first;
+- decode worker: :meth:`Scheduler.reserve` takes blocks for a remote prefill,
+  and :meth:`Scheduler.add_prefilled_request` turns the reservation into a
+  RUNNING request whose prompt is already computed.
+
+The scheduler never touches blocks itself; :class:`KVCacheManager` does.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.batch import SequenceInput
+from engine.errors import CapacityExceeded, InvalidRequest, ReservationNotFound
+from engine.kv_cache_manager import KVCacheManager, cdiv
+from engine.request import EngineOutput, Request, RequestStatus, finish_reason
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """Limits of one scheduler.
+
+    Attributes:
+        max_num_seqs: most requests in the running batch.
+        max_num_batched_tokens: most tokens computed in one step.
+        max_model_len: most tokens (prompt plus output) of one sequence.
+        max_queue_len: most waiting requests; ``None`` is unbounded.
+    """
+
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    max_queue_len: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class SchedulerOutput:
+    """One step's work.
+
+    Attributes:
+        seqs: one input per scheduled request, running ones first.
+        preempted_req_ids: requests preempted while scheduling this step.
+    """
+
+    seqs: list[SequenceInput] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        """Tokens computed this step."""
+        return sum(len(s.token_ids) for s in self.seqs)
+
+
+class Scheduler:
+    """Decides which tokens of which requests each step computes. Not thread-safe.
+
+    Args:
+        config: batch, budget and length limits.
+        kv_cache_manager: owner of the requests' block tables.
+    """
+
+    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+        self.config = config
+        self.kv_cache_manager = kv_cache_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}  # waiting and running
+        self.held: dict[str, Request] = {}
+        self.reservations: set[str] = set()
+
+    # ---- queries -------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        """Requests in the running batch."""
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests waiting for admission (new or preempted)."""
+        return len(self.waiting)
+
+    @property
+    def num_tokens_waiting(self) -> int:
+        """Tokens the waiting requests still have to compute before sampling."""
+        return sum(r.num_tokens - r.num_computed_tokens for r in self.waiting)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is waiting or running (held and reserved ones do not count)."""
+        return bool(self.waiting or self.running)
+
+    def get_block_table(self, req_id: str) -> list[int]:
+        """Block ids of a running, held or reserved request.
+
+        Raises:
+            KeyError: ``req_id`` holds no blocks.
+        """
+        return self.kv_cache_manager.get_block_table(req_id)
+
+    # ---- admission -----------------------------------------------------
+
+    def _check_new_id(self, req_id: str) -> None:
+        if req_id in self.requests or req_id in self.held or req_id in self.reservations:
+            raise InvalidRequest("req_id", f"duplicate request id {req_id!r}")
+
+    def _check_fits(self, num_prompt_tokens: int, max_tokens: int) -> None:
+        """Reject a sequence that can never fit in ``max_model_len`` or the whole pool."""
+        if num_prompt_tokens < 1:
+            raise InvalidRequest("prompt_token_ids", "must not be empty")
+        max_len = self.config.max_model_len
+        if num_prompt_tokens >= max_len:
+            raise InvalidRequest(
+                "prompt_token_ids", f"{num_prompt_tokens} tokens leave no room under max_model_len {max_len}"
+            )
+        # The last sampled token never needs a KV slot.
+        needed = cdiv(min(num_prompt_tokens + max_tokens, max_len) - 1, self.kv_cache_manager.block_size)
+        total = self.kv_cache_manager.num_total_blocks
+        if needed > total:
+            raise CapacityExceeded(f"request needs up to {needed} KV blocks, the pool has {total}")
+
+    def _cap_max_model_len(self, request: Request) -> None:
+        limit = self.config.max_model_len
+        request.max_model_len = limit if request.max_model_len is None else min(request.max_model_len, limit)
+
+    def add_request(self, request: Request) -> None:
+        """Queue a new request (status WAITING).
+
+        Fills ``request.max_model_len`` with the scheduler's limit (or the
+        smaller of the two).
+
+        Raises:
+            InvalidRequest: duplicate id, empty prompt, or a prompt that leaves
+                no room under ``max_model_len``.
+            CapacityExceeded: the waiting queue is full, or the request could
+                need more blocks than the whole pool.
+        """
+        self._check_new_id(request.req_id)
+        self._check_fits(request.num_prompt_tokens, request.sampling.max_tokens)
+        limit = self.config.max_queue_len
+        if limit is not None and len(self.waiting) >= limit:
+            raise CapacityExceeded(f"waiting queue is full ({limit} requests)")
+        self._cap_max_model_len(request)
+        request.status = RequestStatus.WAITING
+        self.requests[request.req_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, req_id: str) -> bool:
+        """Drop a request wherever it is (waiting, running, held or reserved) and free its blocks.
+
+        Returns:
+            Whether ``req_id`` was known.
+        """
+        if self.release_held(req_id) or self.release_reservation(req_id):
+            return True
+        request = self.requests.pop(req_id, None)
+        if request is None:
+            return False
+        if request in self.running:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        self.kv_cache_manager.free(req_id)
+        return True
+
+    # ---- scheduling ----------------------------------------------------
+
+    def _make_input(self, request: Request, num_new_tokens: int) -> SequenceInput:
+        start = request.num_computed_tokens
+        end = start + num_new_tokens
+        return SequenceInput(
+            req_id=request.req_id,
+            token_ids=request.token_ids_between(start, end),
+            start_pos=start,
+            block_table=self.kv_cache_manager.get_block_table(request.req_id),
+            sample=end == request.num_tokens,
+            sampling=request.sampling,
+            output_index=len(request.output_token_ids),
+        )
+
+    def _preempt(self, request: Request) -> None:
+        self.kv_cache_manager.free(request.req_id)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+
+    def _allocate_or_preempt(self, request: Request, num_tokens: int, preempted: list[str]) -> bool:
+        """Allocate for ``request``, preempting the newest running requests as needed.
+
+        Returns False when ``request`` itself had to be preempted.
+        """
+        kv = self.kv_cache_manager
+        while not kv.can_allocate(num_tokens, request.req_id):
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim.req_id)
+            if victim is request:
+                return False
+        kv.allocate(request.req_id, num_tokens)
+        return True
+
+    def schedule(self) -> SchedulerOutput:
+        """Choose this step's tokens (see the module docstring for the policy)."""
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, request.num_computed_tokens + n, out.preempted_req_ids):
+                break
+            out.seqs.append(self._make_input(request, n))
+            budget -= n
+            i += 1
+        if out.preempted_req_ids:
+            return out
+        kv = self.kv_cache_manager
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not kv.can_allocate(request.num_computed_tokens + n, request.req_id):
+                break
+            kv.allocate(request.req_id, request.num_computed_tokens + n)
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.seqs.append(self._make_input(request, n))
+            budget -= n
+        return out
+
+    def _finish(self, request: Request) -> None:
+        self.running.remove(request)
+        del self.requests[request.req_id]
+        if request.hold_blocks_on_finish:
+            self.held[request.req_id] = request
+        else:
+            self.kv_cache_manager.free(request.req_id)
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, sampled: list[int | None]
+    ) -> list[EngineOutput]:
+        """Apply one step's results.
+
+        Args:
+            scheduler_output: what :meth:`schedule` returned for the step.
+            sampled: one entry per ``scheduler_output.seqs``: the sampled token
+                id, or ``None`` where the input did not sample.
+
+        Returns:
+            One output per request that sampled a token, in input order.
+
+        Raises:
+            ValueError: ``sampled`` has the wrong length or lacks a token for an
+                input that samples.
+        """
+        if len(sampled) != len(scheduler_output.seqs):
+            raise ValueError(f"{len(sampled)} results for {len(scheduler_output.seqs)} inputs")
+        outputs = []
+        for seq, token_id in zip(scheduler_output.seqs, sampled, strict=True):
+            request = self.requests.get(seq.req_id)
+            if request is None or request.status is not RequestStatus.RUNNING:
+                continue  # aborted after scheduling
+            request.num_computed_tokens = seq.end_pos
+            if not seq.sample:
+                continue
+            if token_id is None:
+                raise ValueError(f"no token sampled for {seq.req_id!r}")
+            request.append_output_token(token_id)
+            finished = request.check_stop()
+            if finished:
+                self._finish(request)
+            outputs.append(
+                EngineOutput(
+                    req_id=request.req_id,
+                    new_token_ids=[token_id],
+                    finished=finished,
+                    finish_reason=finish_reason(request.status),
+                    num_cached_tokens=request.num_cached_tokens,
+                )
+            )
+        return outputs
+
+    # ---- disaggregated roles -------------------------------------------
+
+    def release_held(self, req_id: str) -> bool:
+        """Free the blocks of a finished request kept by ``hold_blocks_on_finish``.
+
+        Returns:
+            Whether ``req_id`` was held.
+        """
+        if self.held.pop(req_id, None) is None:
+            return False
+        self.kv_cache_manager.free(req_id)
+        return True
+
+    def reserve(self, req_id: str, num_tokens: int, max_tokens: int | None = None) -> list[int]:
+        """Reserve blocks covering ``num_tokens`` prompt tokens for a remote prefill.
+
+        Args:
+            req_id: id the prefilled request will have.
+            num_tokens: prompt length (tokens); ``cdiv(num_tokens, block_size)``
+                blocks are reserved.
+            max_tokens: when given, also reject a request that could never fit
+                (see :meth:`add_request`).
+
+        Returns:
+            The reserved block ids, in the order of the prompt's blocks.
+
+        Raises:
+            InvalidRequest: duplicate id, ``num_tokens`` < 1, or too long.
+            CapacityExceeded: not enough free blocks, the batch is full
+                (running plus reserved requests reach ``max_num_seqs``), or
+                preempted requests are waiting (they go first).
+        """
+        self._check_new_id(req_id)
+        if num_tokens < 1:
+            raise InvalidRequest("num_prompt_tokens", "must be >= 1")
+        if max_tokens is not None:
+            self._check_fits(num_tokens, max_tokens)
+        if self.waiting:
+            raise CapacityExceeded(f"{len(self.waiting)} requests are waiting for blocks")
+        if len(self.running) + len(self.reservations) >= self.config.max_num_seqs:
+            raise CapacityExceeded(f"batch is full ({self.config.max_num_seqs} requests)")
+        block_ids = self.kv_cache_manager.allocate(req_id, num_tokens)
+        self.reservations.add(req_id)
+        return block_ids
+
+    def release_reservation(self, req_id: str) -> bool:
+        """Free a reservation that will not be decoded (idempotent).
+
+        Returns:
+            Whether a reservation was found and released.
+        """
+        if req_id not in self.reservations:
+            return False
+        self.reservations.remove(req_id)
+        self.kv_cache_manager.free(req_id)
+        return True
+
+    def add_prefilled_request(self, request: Request, first_token_id: int) -> EngineOutput:
+        """Turn the reservation ``request.req_id`` into a RUNNING request.
+
+        The reserved blocks become the request's block table, its prompt counts
+        as computed and ``first_token_id`` (sampled by the prefill worker) is its
+        first output. The request may finish at once (EOS or ``max_tokens`` 1);
+        its blocks are then freed.
+
+        Returns:
+            An output with no new tokens (the first one came from the prefill
+            worker) that says whether the request already finished.
+
+        Raises:
+            ReservationNotFound: no reservation ``request.req_id``.
+            InvalidRequest: the prompt is empty, too long for ``max_model_len``,
+                or longer than the reservation (the reservation stays).
+            CapacityExceeded: the request could need more blocks than the pool.
+        """
+        req_id = request.req_id
+        if req_id not in self.reservations:
+            raise ReservationNotFound(f"no reservation for {req_id!r}")
+        self._check_fits(request.num_prompt_tokens, request.sampling.max_tokens)
+        if self.kv_cache_manager.num_blocks_needed(request.num_prompt_tokens, req_id) > 0:
+            raise InvalidRequest("prompt_token_ids", "prompt is longer than the reservation")
+        self.reservations.remove(req_id)
+        self._cap_max_model_len(request)
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.output_token_ids = [first_token_id]
+        request.status = RequestStatus.RUNNING
+        finished = request.check_stop()
+        if finished:
+            self.kv_cache_manager.free(req_id)
+        else:
+            self.requests[req_id] = request
+            self.running.append(request)
+        return EngineOutput(
+            req_id=req_id,
+            new_token_ids=[],
+            finished=finished,
+            finish_reason=finish_reason(request.status),
+            num_cached_tokens=request.num_cached_tokens,
+        )

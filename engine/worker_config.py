@@ -1,0 +1,89 @@
+"""Typed configuration of a worker process (torch-free).
+
+Parsed once by the CLI (``cli/``) and handed to ``prefill_service`` or
+``decode_service``; never read from the environment, never written back.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+Role = Literal["prefill", "decode"]
+
+#: The bundled default model, committed in the repository.
+BUNDLED_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "tandem-tiny"
+
+
+def default_worker_id(role: str) -> str:
+    """``<role>-<hostname>-<pid>``: unique per process on a host."""
+    return f"{role}-{socket.gethostname()}-{os.getpid()}"
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything a prefill or decode worker needs to start.
+
+    Attributes:
+        role: ``"prefill"`` or ``"decode"``.
+        model: checkpoint directory (config.json, *.safetensors, tokenizer.json).
+        device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
+        dtype: ``"auto"`` (the checkpoint's dtype; float32 on CPU for float16
+            checkpoints), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        max_model_len: longest prompt plus completion in tokens; ``None`` means
+            the config's ``max_position_embeddings``.
+        num_kv_blocks: blocks in the KV pool; ``None`` sizes the pool from
+            ``kv_cache_memory_bytes``.
+        kv_cache_memory_bytes: memory budget of the KV pool in bytes, used when
+            ``num_kv_blocks`` is ``None``.
+        block_size: tokens per KV block.
+        host: address the gRPC and metrics servers bind to.
+        port: gRPC port (0 picks a free one).
+        metrics_port: Prometheus port (0 picks a free one).
+        redis_url: Redis server of the worker registry.
+        redis_prefix: prefix of every Redis key Tandem writes.
+        worker_id: stable id; ``None`` uses :func:`default_worker_id`.
+        kv_transport: KV transfer backend (``"tcp"``; GPU backends later).
+        transfer_port: port of the decode worker's KV receiver (0 picks one).
+        heartbeat_interval_s: seconds between registry heartbeats.
+        registration_ttl_s: TTL of the registration; an unrefreshed worker
+            disappears from the registry after this many seconds.
+        lease_ms: default lease of a decode reservation in milliseconds.
+        max_num_seqs: most requests in one batch.
+        max_num_batched_tokens: most tokens computed in one step.
+        max_queue_len: most waiting requests; more are refused with
+            ``RESOURCE_EXHAUSTED``.
+        seed: seed of the worker's global random generator.
+    """
+
+    role: Role
+    model: Path = BUNDLED_MODEL_DIR
+    device: str = "auto"
+    dtype: str = "auto"
+    max_model_len: int | None = None
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int = 256 * 1024**2
+    block_size: int = 16
+    host: str = "127.0.0.1"
+    port: int = 0
+    metrics_port: int = 0
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = "tandem"
+    worker_id: str | None = None
+    kv_transport: str = "tcp"
+    transfer_port: int = 0
+    heartbeat_interval_s: float = 1.0
+    registration_ttl_s: float = 5.0
+    lease_ms: int = 30_000
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queue_len: int = 256
+    seed: int = 0
+
+    @property
+    def resolved_worker_id(self) -> str:
+        """``worker_id`` or the default one for this process."""
+        return self.worker_id or default_worker_id(self.role)

@@ -1,0 +1,206 @@
+"""What a prefill and a decode worker process share: the engine on its
+thread, metrics, Redis registration and the gRPC server.
+
+Start-up of a worker (``run_worker``):
+  1. load the model and allocate the KV pool (``ModelRunner``), build the
+     scheduler and engine core, start the engine thread (``EngineLoop``);
+  2. serve Prometheus metrics and start the gRPC server (NOT_SERVING);
+  3. let the role add its own parts (the decode worker's KV receiver);
+  4. register in Redis with a fresh epoch, heartbeat the load, report SERVING.
+SIGTERM: NOT_SERVING, drain calls in flight, deregister, stop the engine, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+
+import grpc
+
+from engine.block_pool import BlockPool
+from engine.config import ModelConfig, resolve_dtype, resolve_max_model_len
+from engine.engine_core import EngineCore
+from engine.engine_loop import EngineLoop, LoadSnapshot
+from engine.kv_cache_manager import KVCacheManager
+from engine.metrics import ProcessMetrics
+from engine.model_runner import ModelRunner, resolve_device
+from engine.scheduler import Scheduler, SchedulerConfig
+from engine.serving import GrpcProcess
+from engine.worker_config import WorkerConfig
+from engine.worker_registry import WorkerRegistration
+from kvtransfer.layout import KvLayout
+from tandem.v1 import worker_pb2
+
+logger = logging.getLogger(__name__)
+
+ROLES = {"prefill": worker_pb2.WORKER_ROLE_PREFILL, "decode": worker_pb2.WORKER_ROLE_DECODE}
+
+
+def load_snapshot(core: EngineCore) -> LoadSnapshot:
+    """Current load of ``core`` (runs on the engine thread)."""
+    sched = core.scheduler
+    manager = sched.kv_cache_manager
+    return LoadSnapshot(
+        num_kv_blocks_total=manager.num_total_blocks,
+        num_kv_blocks_used=manager.num_used_blocks,
+        num_requests_running=sched.num_running,
+        num_requests_waiting=sched.num_waiting,
+        num_tokens_waiting=sched.num_tokens_waiting,
+    )
+
+
+@dataclass
+class WorkerRuntime:
+    """The engine side of one worker.
+
+    Attributes:
+        config: the worker's configuration.
+        model_config: the checkpoint's configuration.
+        runner: model, KV cache (``runner.kv_cache``) and sampler.
+        loop: the engine core on its own thread.
+        layout: the KV cache layout (checked at every transfer).
+        max_model_len: longest prompt plus completion (tokens).
+        metrics: the process's Prometheus metrics.
+        epoch: incarnation number from the registry (0 until registered).
+    """
+
+    config: WorkerConfig
+    model_config: ModelConfig
+    runner: ModelRunner
+    loop: EngineLoop[EngineCore]
+    layout: KvLayout
+    max_model_len: int
+    metrics: ProcessMetrics
+    epoch: int = 0
+    background: set[asyncio.Task[None]] = field(default_factory=set)
+
+    @property
+    def worker_id(self) -> str:
+        return self.config.resolved_worker_id
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return tuple(self.model_config.eos_token_ids)
+
+    def spawn(self, coro: Awaitable[None]) -> None:
+        """Run ``coro`` as a background task that survives the caller's cancellation."""
+
+        async def wrapper() -> None:
+            await coro
+
+        task = asyncio.get_running_loop().create_task(wrapper())
+        self.background.add(task)
+        task.add_done_callback(self.background.discard)
+
+
+def build_runtime(config: WorkerConfig) -> WorkerRuntime:
+    """Load the model and build the engine (the event loop must be running).
+
+    Raises:
+        ValueError: bad model directory, dtype or KV budget.
+    """
+    model_config = ModelConfig.from_pretrained(config.model)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, model_config, device)
+    max_model_len = resolve_max_model_len(model_config, config.max_model_len)
+    runner = ModelRunner(
+        model_config,
+        device=device,
+        dtype=dtype,
+        block_size=config.block_size,
+        num_kv_blocks=config.num_kv_blocks,
+        kv_cache_memory_bytes=config.kv_cache_memory_bytes,
+        max_model_len=max_model_len,
+        seed=config.seed,
+    )
+    scheduler = Scheduler(
+        SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            max_queue_len=config.max_queue_len,
+        ),
+        KVCacheManager(BlockPool(runner.num_kv_blocks, config.block_size)),
+    )
+    loop: EngineLoop[EngineCore] = EngineLoop(EngineCore(scheduler, runner), load_snapshot)
+    loop.start()
+    layout = KvLayout.for_cache(runner.kv_cache, model_config.model_id)
+    metrics = ProcessMetrics(config.role)
+    metrics.kv_blocks_total.set(runner.num_kv_blocks)
+    return WorkerRuntime(config, model_config, runner, loop, layout, max_model_len, metrics)
+
+
+async def _publish_metrics(runtime: WorkerRuntime, interval_s: float = 0.25) -> None:
+    while True:
+        load = runtime.loop.load
+        runtime.metrics.kv_blocks_used.set(load.num_kv_blocks_used)
+        runtime.metrics.requests_running.set(load.num_requests_running)
+        runtime.metrics.requests_waiting.set(load.num_requests_waiting)
+        await asyncio.sleep(interval_s)
+
+
+class WorkerRole:
+    """The role-specific parts of a worker; subclasses override what they need."""
+
+    #: Full name of the role's gRPC service (health, reflection).
+    service_name: str = ""
+
+    def add_servicers(self, runtime: WorkerRuntime, server: grpc.aio.Server) -> None:
+        """Add the role's servicers to the (not yet started) server."""
+        raise NotImplementedError
+
+    async def start(self, runtime: WorkerRuntime) -> tuple[str, str]:
+        """Role start-up once the server is bound; returns ``(transport, transfer_address)``."""
+        return runtime.config.kv_transport, ""
+
+    def on_registered(self, runtime: WorkerRuntime) -> None:
+        """Called once the epoch is known (``runtime.epoch``)."""
+
+    async def stop(self, runtime: WorkerRuntime) -> None:
+        """Role shutdown after the server drained."""
+
+
+async def run_worker(config: WorkerConfig, role: WorkerRole) -> None:
+    """Run a worker until SIGTERM/SIGINT (see the module docstring)."""
+    runtime = build_runtime(config)
+    metrics_port = runtime.metrics.serve(config.host, config.metrics_port)
+    process = GrpcProcess(
+        config.host, config.port, [role.service_name], lambda s: role.add_servicers(runtime, s)
+    )
+    await process.start()
+    info = worker_pb2.WorkerInfo(
+        worker_id=runtime.worker_id,
+        role=ROLES[config.role],
+        grpc_address=process.address,
+        metrics_address=f"{config.host}:{metrics_port}",
+        model_id=runtime.model_config.model_id,
+        layout=runtime.layout.to_pb(),
+    )
+    info.transport, info.transfer_address = await role.start(runtime)
+    registration = WorkerRegistration(
+        config.redis_url,
+        config.redis_prefix,
+        info,
+        ttl_s=config.registration_ttl_s,
+        heartbeat_interval_s=config.heartbeat_interval_s,
+        load_fn=lambda: runtime.loop.load,
+    )
+    runtime.epoch = await registration.start()
+    role.on_registered(runtime)
+    publisher = asyncio.get_running_loop().create_task(_publish_metrics(runtime))
+    await process.set_serving()
+    logger.info(
+        "%s %s serving on %s (epoch %d)", config.role, runtime.worker_id, process.address, runtime.epoch
+    )
+    try:
+        await process.wait_for_termination()
+    finally:
+        publisher.cancel()
+        with contextlib.suppress(Exception):
+            await registration.stop()
+        await role.stop(runtime)
+        runtime.loop.stop()
+        logger.info("%s %s stopped", config.role, runtime.worker_id)

@@ -1,0 +1,187 @@
+"""One request's trip through the disaggregated pools, seen from the router.
+
+Lifecycle (decode-first reservation, push model; ARCHITECTURE.md):
+  1. pick a decode worker D and ``Reserve`` blocks for the prompt under a lease;
+  2. pick a prefill worker P and call ``Prefill`` with D's ``KvDestination``: P
+     computes the prompt, pushes the KV into D's blocks and samples token 0;
+  3. yield token 0 to the client at once;
+  4. unless the request already finished, call ``Decode`` on D and relay its
+     tokens; otherwise ``Release`` the reservation.
+Any failure or cancellation before step 4 releases the reservation (a shielded
+``Release``; the lease frees it anyway if D cannot be reached); cancelling the
+``Decode`` stream makes D abort the request and free its blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from engine.codec import finish_reason_from_pb, sampling_params_to_pb
+from engine.errors import WorkerUnavailable
+from router.routing import RoutingPolicy, RoutingRequest
+from router.validation import ParsedRequest
+from router.worker_pool import WorkerPool
+from tandem.v1 import kv_pb2, worker_pb2, worker_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TokenChunk:
+    """New tokens of a request; the last chunk has ``finish_reason`` set."""
+
+    token_ids: list[int]
+    finish_reason: str | None = None
+    num_cached_tokens: int = 0
+
+
+@dataclass
+class _Reservation:
+    stub: worker_pb2_grpc.DecodeWorkerStub
+    destination: kv_pb2.KvDestination
+    handed_over: bool = False
+
+
+class Orchestrator:
+    """Drives requests through a prefill and a decode worker.
+
+    Args:
+        pool: healthy workers and their channels.
+        policy: routing policy picking a worker of each pool.
+        eos_token_ids: end-of-sequence ids of the model.
+        max_model_len: longest prompt plus completion (tokens).
+        lease_ms: lease asked for each decode reservation (milliseconds).
+    """
+
+    def __init__(
+        self,
+        pool: WorkerPool,
+        policy: RoutingPolicy,
+        *,
+        eos_token_ids: tuple[int, ...],
+        max_model_len: int,
+        lease_ms: int,
+    ) -> None:
+        self._pool = pool
+        self._policy = policy
+        self._eos = frozenset(eos_token_ids)
+        self._max_model_len = max_model_len
+        self._lease_ms = lease_ms
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def generate(self, req: ParsedRequest, timeout_s: float | None) -> AsyncIterator[TokenChunk]:
+        """Yield ``req``'s tokens as they are produced.
+
+        Args:
+            timeout_s: seconds left of the client's deadline (None: no deadline);
+                every downstream call gets what remains.
+
+        Raises:
+            WorkerUnavailable: no healthy worker in a pool.
+            grpc.aio.AioRpcError: a worker failed the call (status passed on).
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+
+        def remaining() -> float | None:
+            return None if deadline is None else max(0.001, deadline - loop.time())
+
+        routing = RoutingRequest(req.request_id, len(req.prompt_token_ids))
+        decode = self._policy.pick(self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE), routing)
+        prefill = self._policy.pick(self._pool.healthy(worker_pb2.WORKER_ROLE_PREFILL), routing)
+        n_prompt = len(req.prompt_token_ids)
+        with (
+            self._pool.in_flight(decode.worker_id, n_prompt),
+            self._pool.in_flight(prefill.worker_id, n_prompt),
+        ):
+            d_stub = worker_pb2_grpc.DecodeWorkerStub(self._pool.channel(decode.worker_id))
+            reserved = await d_stub.Reserve(
+                worker_pb2.ReserveRequest(
+                    request_id=req.request_id,
+                    num_prompt_tokens=n_prompt,
+                    max_tokens=req.sampling.max_tokens,
+                    lease_ms=self._lease_ms,
+                ),
+                timeout=remaining(),
+            )
+            reservation = _Reservation(d_stub, reserved.destination)
+            try:
+                p_stub = worker_pb2_grpc.PrefillWorkerStub(self._pool.channel(prefill.worker_id))
+                prefilled = await p_stub.Prefill(
+                    worker_pb2.PrefillRequest(
+                        request_id=req.request_id,
+                        prompt_token_ids=req.prompt_token_ids,
+                        sampling=sampling_params_to_pb(req.sampling),
+                        destination=reservation.destination,
+                    ),
+                    timeout=remaining(),
+                )
+                first = prefilled.first_token_id
+                finish = self._finish_after_first_token(req, first)
+                yield TokenChunk([first], finish, prefilled.num_cached_tokens)
+                if finish is not None:
+                    return
+                reservation.handed_over = True
+                async for chunk in self._decode(req, reservation, first, remaining()):
+                    yield chunk
+            finally:
+                if not reservation.handed_over:
+                    self._release_in_background(req.request_id, reservation)
+
+    def _finish_after_first_token(self, req: ParsedRequest, token_id: int) -> str | None:
+        if token_id in self._eos and not req.sampling.ignore_eos:
+            return "stop"
+        if req.sampling.max_tokens <= 1 or len(req.prompt_token_ids) + 1 >= self._max_model_len:
+            return "length"
+        return None
+
+    async def _decode(
+        self, req: ParsedRequest, reservation: _Reservation, first_token: int, timeout_s: float | None
+    ) -> AsyncIterator[TokenChunk]:
+        call = reservation.stub.Decode(
+            worker_pb2.DecodeRequest(
+                request_id=req.request_id,
+                reservation_id=reservation.destination.reservation_id,
+                epoch=reservation.destination.epoch,
+                prompt_token_ids=req.prompt_token_ids,
+                first_token_id=first_token,
+                sampling=sampling_params_to_pb(req.sampling),
+            ),
+            timeout=timeout_s,
+        )
+        try:
+            async for msg in call:
+                finish = finish_reason_from_pb(msg.finish_reason)
+                yield TokenChunk(list(msg.token_ids), finish)
+                if finish is not None:
+                    return
+            raise WorkerUnavailable(
+                f"decode worker {reservation.destination.worker_id} ended the stream early"
+            )
+        finally:
+            call.cancel()
+
+    def _release_in_background(self, request_id: str, reservation: _Reservation) -> None:
+        """Release a reservation without waiting (also runs when the caller was cancelled)."""
+
+        async def release() -> None:
+            try:
+                await reservation.stub.Release(
+                    worker_pb2.ReleaseRequest(
+                        request_id=request_id,
+                        reservation_id=reservation.destination.reservation_id,
+                        epoch=reservation.destination.epoch,
+                    ),
+                    timeout=5.0,
+                )
+            except grpc.aio.AioRpcError as exc:  # the lease frees the blocks anyway
+                logger.warning("release of %s failed: %s", request_id, exc.code().name)
+
+        task = asyncio.get_running_loop().create_task(release())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)

@@ -1,0 +1,76 @@
+"""The router process: public gRPC API in front of the prefill and decode pools.
+
+Start-up: read config.json and tokenizer.json (never weights, never torch),
+connect to the Redis worker directory, start the worker pool's refresh loop,
+serve ``tandem.v1.Generation`` with health and reflection, report SERVING.
+SIGTERM: NOT_SERVING, drain calls in flight, close channels, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from engine.config import ModelConfig, resolve_max_model_len
+from engine.metrics import ProcessMetrics
+from engine.serving import GrpcProcess
+from engine.tokenizer import Tokenizer
+from engine.worker_registry import WorkerDirectory
+from router.config import RouterConfig
+from router.orchestrator import Orchestrator
+from router.routing import get_policy
+from router.service import GenerationService, ServedModel
+from router.worker_pool import WorkerPool
+from tandem.v1 import generation_pb2, generation_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+async def serve(config: RouterConfig) -> None:
+    """Run the router until SIGTERM/SIGINT (see the module docstring)."""
+    model = ModelConfig.from_pretrained(config.model)
+    tokenizer = Tokenizer.from_pretrained(config.model)
+    max_model_len = resolve_max_model_len(model, config.max_model_len)
+    metrics = ProcessMetrics("router")
+    metrics.serve(config.host, config.metrics_port)
+    pool = WorkerPool(
+        WorkerDirectory(config.redis_url, config.redis_prefix), refresh_interval_s=config.refresh_interval_s
+    )
+    await pool.start()
+    orchestrator = Orchestrator(
+        pool,
+        get_policy(config.routing),
+        eos_token_ids=tuple(model.eos_token_ids),
+        max_model_len=max_model_len,
+        lease_ms=config.lease_ms,
+    )
+    served = ServedModel(
+        name=model.name,
+        architecture=model.architecture,
+        max_model_len=max_model_len,
+        vocab_size=model.vocab_size,
+        block_size=16,
+        dtype=model.torch_dtype or "float32",
+    )
+    service = GenerationService(orchestrator, tokenizer, served, metrics, max_inflight=config.max_queue_len)
+    name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
+    process = GrpcProcess(
+        config.host,
+        config.port,
+        [name],
+        lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
+    )
+    await process.start()
+    await process.set_serving()
+    logger.info("router serving on %s", process.address)
+    try:
+        await process.wait_for_termination()
+    finally:
+        await pool.close()
+
+
+def run(config: RouterConfig) -> int:
+    """Blocking entry point used by ``tandem router``; returns the exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve(config))
+    return 0

@@ -1,0 +1,156 @@
+"""The public ``tandem.v1.Generation`` servicer: thin, async, protobuf at the edge.
+
+Each call: bound the number of requests in flight (``RESOURCE_EXHAUSTED`` past
+it), validate and tokenize (``INVALID_ARGUMENT``), run the request through the
+:class:`Orchestrator`, detokenize incrementally and answer. Errors map to status
+codes in one place (``engine.serving.abort_with``); a worker's status is passed
+on as it came.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+
+from engine.codec import finish_reason_to_pb
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import CapacityExceeded, TandemError
+from engine.metrics import ProcessMetrics
+from engine.serving import abort_with
+from engine.tokenizer import Tokenizer
+from router.orchestrator import Orchestrator
+from router.validation import ParsedRequest, parse_generate_request
+from tandem.v1 import generation_pb2, generation_pb2_grpc
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """What the router knows of the served model (from config.json and tokenizer.json)."""
+
+    name: str
+    architecture: str
+    max_model_len: int
+    vocab_size: int
+    block_size: int
+    dtype: str
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    """Serves ``Generate``, ``GenerateStream`` and ``GetModelInfo``."""
+
+    def __init__(
+        self,
+        orchestrator: Orchestrator,
+        tokenizer: Tokenizer,
+        model: ServedModel,
+        metrics: ProcessMetrics,
+        *,
+        max_inflight: int,
+    ) -> None:
+        self._orchestrator = orchestrator
+        self._tokenizer = tokenizer
+        self._model = model
+        self._metrics = metrics
+        self._max_inflight = max_inflight
+        self._inflight = 0
+
+    async def GetModelInfo(
+        self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.ModelInfo:
+        m = self._model
+        return generation_pb2.ModelInfo(
+            model_name=m.name,
+            architecture=m.architecture,
+            max_model_len=m.max_model_len,
+            vocab_size=m.vocab_size,
+            block_size=m.block_size,
+            dtype=m.dtype,
+        )
+
+    async def Generate(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> generation_pb2.GenerateResponse:
+        token_ids: list[int] = []
+        text: list[str] = []
+        last = generation_pb2.GenerateStreamResponse()
+        async for msg in self._stream(request, context):
+            token_ids.extend(msg.token_ids)
+            text.append(msg.text)
+            last = msg
+        return generation_pb2.GenerateResponse(
+            request_id=last.request_id,
+            text="".join(text),
+            token_ids=token_ids,
+            finish_reason=last.finish_reason,
+            usage=last.usage,
+        )
+
+    async def GenerateStream(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        async for msg in self._stream(request, context):
+            yield msg
+
+    async def _stream(
+        self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        code = "OK"
+        self._inflight += 1
+        self._metrics.requests_running.set(self._inflight)
+        try:
+            if self._inflight > self._max_inflight:
+                raise CapacityExceeded(f"router queue is full ({self._max_inflight} requests in flight)")
+            parsed = parse_generate_request(
+                request,
+                self._tokenizer,
+                vocab_size=self._model.vocab_size,
+                max_model_len=self._model.max_model_len,
+            )
+            async for msg in self._run(parsed, context):
+                yield msg
+        except TandemError as exc:
+            code = exc.grpc_code
+            await abort_with(context, exc)
+        except grpc.aio.AioRpcError as exc:  # a worker's status, passed on
+            code = exc.code().name
+            await context.abort(exc.code(), f"worker error: {exc.details()}")
+        except (asyncio.CancelledError, GeneratorExit):
+            code = "CANCELLED"
+            raise
+        finally:
+            self._inflight -= 1
+            self._metrics.requests_running.set(self._inflight)
+            self._metrics.requests.labels(code=code).inc()
+
+    async def _run(
+        self, req: ParsedRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
+        detok = IncrementalDetokenizer(self._tokenizer, req.prompt_token_ids)
+        n_generated = 0
+        cached = 0
+        async for chunk in self._orchestrator.generate(req, context.time_remaining()):
+            n_generated += len(chunk.token_ids)
+            self._metrics.generation_tokens.inc(len(chunk.token_ids))
+            text = detok.push(chunk.token_ids)
+            msg = generation_pb2.GenerateStreamResponse(
+                request_id=req.request_id, token_ids=chunk.token_ids, text=text
+            )
+            cached = max(cached, chunk.num_cached_tokens)
+            if chunk.finish_reason is not None:
+                msg.text += detok.finish()
+                msg.finish_reason = finish_reason_to_pb(chunk.finish_reason)
+                msg.usage.CopyFrom(
+                    generation_pb2.Usage(
+                        prompt_tokens=len(req.prompt_token_ids),
+                        completion_tokens=n_generated,
+                        cached_prompt_tokens=cached,
+                    )
+                )
+                self._metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+            yield msg

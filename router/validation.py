@@ -1,0 +1,74 @@
+"""Validation of public requests at the router (torch-free).
+
+Turns a ``GenerateRequest`` into a :class:`ParsedRequest` (token ids and
+:class:`SamplingParams`) or raises :class:`InvalidRequest` naming the field to
+fix, which the servicer maps to ``INVALID_ARGUMENT``.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from engine.codec import sampling_params_from_pb
+from engine.errors import InvalidRequest
+from engine.sampling_params import SamplingParams
+from engine.tokenizer import Tokenizer
+from tandem.v1 import generation_pb2
+
+#: Longest accepted request id (characters).
+MAX_REQUEST_ID_LEN = 256
+
+
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request.
+
+    Attributes:
+        request_id: the caller's id, or a generated one.
+        prompt_token_ids: the prompt as token ids (length >= 1).
+        sampling: validated sampling parameters.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling: SamplingParams
+
+
+def parse_generate_request(
+    pb: generation_pb2.GenerateRequest, tokenizer: Tokenizer, *, vocab_size: int, max_model_len: int
+) -> ParsedRequest:
+    """Validate ``pb`` and tokenize its prompt.
+
+    Raises:
+        InvalidRequest: empty prompt; both or neither of ``prompt`` and
+            ``prompt_token_ids``; a token id outside ``[0, vocab_size)``;
+            prompt plus ``max_tokens`` over ``max_model_len``; bad sampling
+            parameters; an over-long ``request_id``.
+    """
+    if len(pb.request_id) > MAX_REQUEST_ID_LEN:
+        raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_LEN} characters")
+    if pb.prompt and pb.prompt_token_ids:
+        raise InvalidRequest("prompt", "set exactly one of prompt and prompt_token_ids, not both")
+    if pb.prompt_token_ids:
+        token_ids = list(pb.prompt_token_ids)
+        for i, tid in enumerate(token_ids):
+            if tid >= vocab_size:
+                raise InvalidRequest(
+                    "prompt_token_ids",
+                    f"token id {tid} at index {i} is outside the vocabulary [0, {vocab_size})",
+                )
+    elif pb.prompt:
+        token_ids = tokenizer.encode(pb.prompt)
+        if not token_ids:
+            raise InvalidRequest("prompt", "tokenizes to no tokens")
+    else:
+        raise InvalidRequest("prompt", "is empty: set prompt (text) or prompt_token_ids")
+    sampling = sampling_params_from_pb(pb.sampling)
+    if len(token_ids) + sampling.max_tokens > max_model_len:
+        raise InvalidRequest(
+            "sampling.max_tokens",
+            f"prompt ({len(token_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
+            f"max_model_len ({max_model_len}); shorten the prompt or lower max_tokens",
+        )
+    return ParsedRequest(pb.request_id or uuid.uuid4().hex, token_ids, sampling)

@@ -1,0 +1,126 @@
+"""A real Tandem deployment for end-to-end tests: ``tandem serve`` in a
+subprocess (router, prefill and decode worker processes) on loopback, driven
+through the public gRPC API and read through every process's ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from tandem.v1 import generation_pb2, generation_pb2_grpc
+from tests.helpers.net import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class Stack:
+    """``tandem serve`` with ``--cluster-file``; stopped by SIGTERM like a user's Ctrl-C.
+
+    Args:
+        model_dir: checkpoint to serve.
+        run_dir: where logs and the cluster file go.
+        redis_url: an existing Redis (the test session's), with its own key prefix.
+        args: extra ``tandem serve`` flags.
+    """
+
+    def __init__(self, model_dir: Path, run_dir: Path, redis_url: str, args: Sequence[str] = ()) -> None:
+        self.port = free_port()
+        self.cluster_file = run_dir / "cluster.json"
+        self.log = run_dir / "serve.log"
+        self.cmd = [
+            sys.executable, "-m", "cli.main", "serve",
+            "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
+            "--port", str(self.port), "--cluster-file", str(self.cluster_file),
+            "--redis-url", redis_url, "--redis-prefix", f"t{self.port}",
+            "--run-dir", str(run_dir / "logs"), *args,
+        ]  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cluster: dict[str, Any] = {}
+        self.channel: grpc.Channel | None = None
+
+    def start(self, timeout_s: float = 180.0) -> Stack:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout_s
+        while not self.cluster_file.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"tandem serve did not start:\n{self.log.read_text()[-4000:]}")
+            time.sleep(0.2)
+        self.cluster = json.loads(self.cluster_file.read_text())
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        return self
+
+    def stop(self) -> int | None:
+        """SIGTERM ``tandem serve`` and wait for it; returns its exit code."""
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+
+    @property
+    def stub(self) -> generation_pb2_grpc.GenerationStub:
+        assert self.channel is not None
+        return generation_pb2_grpc.GenerationStub(self.channel)
+
+    def processes(self, *kinds: str) -> list[dict[str, Any]]:
+        """Cluster-file entries of the given kinds (all with a gRPC address when none given)."""
+        return [
+            p for p in self.cluster["processes"] if (p["kind"] in kinds if kinds else p.get("grpc_address"))
+        ]
+
+    def metric(self, process: dict[str, Any], name: str) -> float:
+        """Current value of an unlabelled gauge/counter sample ``name`` of one process."""
+        with urllib.request.urlopen(f"http://{process['metrics_address']}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == name and not sample.labels:
+                    return float(sample.value)
+        raise KeyError(f"{name} not exported by {process['id']}")
+
+    def wait_blocks_free(self, timeout_s: float = 15.0) -> dict[str, float]:
+        """Wait until ``tandem_kv_blocks_used`` is 0 on every worker; returns the last readings."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            used = {
+                p["id"]: self.metric(p, "tandem_kv_blocks_used") for p in self.processes("prefill", "decode")
+            }
+            if not any(used.values()) or time.monotonic() > deadline:
+                return used
+            time.sleep(0.2)
+
+    def health(self, process: dict[str, Any]) -> int:
+        with grpc.insecure_channel(process["grpc_address"]) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        return int(reply.status)
+
+
+def stream_tokens(
+    stub: generation_pb2_grpc.GenerationStub, request: generation_pb2.GenerateRequest, timeout: float = 120.0
+) -> tuple[list[int], str, list[generation_pb2.GenerateStreamResponse]]:
+    """Run ``GenerateStream``; returns (token ids, concatenated text, messages)."""
+    msgs = list(stub.GenerateStream(request, timeout=timeout))
+    ids = [t for m in msgs for t in m.token_ids]
+    return ids, "".join(m.text for m in msgs), msgs

@@ -1,0 +1,92 @@
+"""Sampler: greedy ties, filters, and batch-independent seeded draws."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.sampler import Sampler, mix_seed, splitmix64
+from engine.sampling_params import SamplingParams
+
+GREEDY = SamplingParams()
+
+
+def random_logits(rows: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def test_greedy_is_argmax_with_ties_to_lowest_id() -> None:
+    logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [2.0, -1.0, 2.0, 0.0], [-3.0, -2.0, -1.0, -1.5]])
+    assert Sampler().sample(logits, [GREEDY] * 3, [0, 0, 0]) == [1, 0, 2]
+
+
+def test_top_k_one_equals_greedy() -> None:
+    logits = random_logits(6)
+    logits[0, [7, 9]] = 100.0  # a tie: the lower id wins, as in argmax
+    params = [SamplingParams(temperature=1.5, top_k=1, seed=s) for s in range(6)]
+    expected = logits.argmax(dim=-1).tolist()
+    assert expected[0] == 7
+    assert Sampler(seed=1).sample(logits, params, [3] * 6) == expected
+
+
+def test_tiny_top_p_keeps_only_the_most_likely_token() -> None:
+    logits = random_logits(4, seed=1)
+    params = [SamplingParams(temperature=1.0, top_p=1e-6)] * 4
+    assert Sampler().sample(logits, params, [0] * 4) == logits.argmax(dim=-1).tolist()
+
+
+def test_top_p_keeps_smallest_set_reaching_the_mass() -> None:
+    # probabilities 0.5, 0.3, 0.15, 0.05 (ids 2, 0, 3, 1); top_p 0.8 keeps ids 2 and 0 only
+    logits = torch.tensor([[0.3, 0.05, 0.5, 0.15]]).log().expand(400, 4).contiguous()
+    params = [SamplingParams(temperature=1.0, top_p=0.8)] * 400
+    tokens = Sampler(seed=5).sample(logits, params, [0] * 400)
+    assert set(tokens) == {0, 2}
+    assert 200 < tokens.count(2) < 300  # 0.5 / 0.8 = 62.5 % expected
+
+
+def test_top_k_restricts_to_the_k_most_likely() -> None:
+    logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]]).expand(200, 5).contiguous()
+    tokens = Sampler(seed=2).sample(logits, [SamplingParams(temperature=5.0, top_k=2)] * 200, [0] * 200)
+    assert set(tokens) == {1, 2}
+
+
+def test_seeded_token_does_not_depend_on_batch_neighbours() -> None:
+    logits = random_logits(8, seed=3)
+    target = SamplingParams(temperature=1.0, seed=1234)
+    alone = Sampler(seed=0).sample(logits[5:6], [target], [17])
+    others = [SamplingParams(temperature=0.7, seed=s) for s in range(4)] + [
+        GREEDY,
+        SamplingParams(temperature=2.0),
+    ]
+    batch = [*others[:5], target, others[5], GREEDY]
+    in_batch = Sampler(seed=99).sample(logits, batch, [0, 1, 2, 3, 4, 17, 5, 6])
+    assert in_batch[5] == alone[0]
+    again = [Sampler(seed=s).sample(logits[5:6], [target], [17])[0] for s in range(5)]
+    assert again == [alone[0]] * 5
+
+
+def test_seeded_tokens_vary_with_index_and_are_reproducible() -> None:
+    logits = torch.zeros(1, 1000)  # uniform: every draw is a fresh uniform id
+    params = [SamplingParams(temperature=1.0, seed=7)]
+    first = [Sampler().sample(logits, params, [i])[0] for i in range(10)]
+    second = [Sampler(seed=3).sample(logits, params, [i])[0] for i in range(10)]
+    assert first == second
+    assert len(set(first)) == 10
+
+
+def test_unseeded_draws_follow_the_worker_seed() -> None:
+    logits = torch.zeros(16, 1000)
+    params = [SamplingParams(temperature=1.0)] * 16
+    a = Sampler(seed=11).sample(logits, params, [0] * 16)
+    b = Sampler(seed=11).sample(logits, params, [0] * 16)
+    c = Sampler(seed=12).sample(logits, params, [0] * 16)
+    assert a == b
+    assert a != c
+
+
+def test_mix_seed_is_a_fixed_function() -> None:
+    assert mix_seed(0, 0) == mix_seed(0, 0)
+    assert len({mix_seed(s, i) for s in range(20) for i in range(20)}) == 400
+    assert all(0 <= mix_seed(2**64 - 1, i) < 2**64 for i in range(5))
+    assert splitmix64(0) == 0xE220A8397B1DCDAF  # SplitMix64's published first output from state 0
+    assert mix_seed(0, 0) == splitmix64(0xE220A8397B1DCDAF)
+    assert mix_seed(5, 3) == splitmix64(splitmix64(5) + 3)

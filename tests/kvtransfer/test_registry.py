@@ -1,0 +1,40 @@
+"""Backend registry and the loopback backend's own addressing."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.errors import TransferFailed
+from kvtransfer import available_backends, get_backend
+from kvtransfer.loopback import LoopbackKvReceiver, LoopbackKvSender
+from kvtransfer.tcp import TcpKvReceiver, TcpKvSender
+from tests.kvtransfer import EPOCH, SRC_BLOCKS, destination, make_layout, random_cache, zero_cache
+
+
+def test_backends_by_name() -> None:
+    assert available_backends() == ["loopback", "tcp"]
+    assert get_backend("tcp") == (TcpKvSender, TcpKvReceiver)
+    assert get_backend("loopback") == (LoopbackKvSender, LoopbackKvReceiver)
+    with pytest.raises(ValueError, match="unknown KV transfer backend 'nccl'; available: loopback, tcp"):
+        get_backend("nccl")
+
+
+def test_loopback_addresses_are_distinct_and_released_on_close() -> None:
+    layout = make_layout()
+
+    async def scenario() -> None:
+        first = LoopbackKvReceiver(zero_cache(layout, 6), layout, "decode-0", EPOCH)
+        second = LoopbackKvReceiver(zero_cache(layout, 6), layout, "decode-0", EPOCH)
+        a, b = await first.start(), await second.start()
+        assert a.startswith("loopback:") and b.startswith("loopback:") and a != b
+        await first.close()
+        sender = LoopbackKvSender(layout, "prefill-0")
+        with pytest.raises(TransferFailed, match=f"no loopback KV receiver at '{a}'"):
+            await sender.send(
+                "req-1", destination(a, layout, transport="loopback"), SRC_BLOCKS, random_cache(layout, 8)
+            )
+        await second.close()
+
+    asyncio.run(scenario())
