@@ -6,9 +6,10 @@ Subcommands (``tandem <subcommand> --help`` lists every option):
 - ``router``: the public ``tandem.v1.Generation`` gRPC service (never imports torch).
 - ``prefill`` / ``decode``: one worker process.
 - ``generate``: send one prompt to a router and print the completion.
+- ``bench``: load a router with many requests and report TTFT, TPOT and goodput.
 
 Servers are imported inside their subcommand only, so ``tandem --help``, ``tandem
-generate`` and ``tandem router`` stay fast and torch-free.
+generate``, ``tandem bench`` and ``tandem router`` stay fast and torch-free.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from cli import generate, serve
+from cli.bench import command as bench
 from cli.options import (
     add_model_options,
     add_network_options,
@@ -104,6 +106,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_arguments(generate_parser)
     generate_parser.set_defaults(handler=generate.run)
+
+    bench_parser = commands.add_parser(
+        "bench",
+        help="load a router with requests and report TTFT, TPOT, ITL, throughput and goodput",
+        description="Send many requests to a running router (Poisson arrivals, a fixed concurrency\n"
+        "or a sweep of rates) and report latency percentiles, throughput and goodput under SLOs\n"
+        "as a table, JSON and PNG plots. Uses only the public tandem.v1.Generation API.",
+        epilog=bench.EPILOG,
+        formatter_class=formatter,
+    )
+    bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=bench.run)
     return parser
 
 

@@ -22,6 +22,11 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTING_POLICIES = ("least-loaded", "round-robin")
 KV_TRANSPORTS = ("tcp", "cuda_ipc", "nccl")
+LOAD_FORMATS = (
+    "auto",
+    "safetensors",
+    "dummy",
+)  # engine.models.loader.LOAD_FORMATS (that module imports torch)
 GIB = 1024**3
 
 
@@ -134,6 +139,13 @@ def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -
         default="auto",
         help="weight and KV cache dtype; auto keeps the checkpoint's (float32 on CPU for float16) "
         "(default: auto)",
+    )
+    group.add_argument(
+        "--load-format",
+        choices=LOAD_FORMATS,
+        default=WorkerConfig.load_format,
+        help="auto or safetensors reads the checkpoint's weights; dummy builds random weights "
+        "from config.json alone, identical on every worker with the same --seed (default: %(default)s)",
     )
     cache = parser.add_argument_group("KV cache")
     cache.add_argument(
@@ -321,6 +333,7 @@ def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfi
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_queue_len=args.max_queue_len,
         seed=args.seed,
+        load_format=args.load_format,
     )
 
 
@@ -362,6 +375,7 @@ def worker_flags(config: WorkerConfig) -> list[str]:
         *("--max-num-batched-tokens", str(config.max_num_batched_tokens)),
         *("--max-queue-len", str(config.max_queue_len)),
         *("--seed", str(config.seed)),
+        *("--load-format", config.load_format),
     ]
     if config.max_model_len is not None:
         flags += ["--max-model-len", str(config.max_model_len)]

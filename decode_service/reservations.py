@@ -82,6 +82,11 @@ class ReservationTable:
         """End the reservation because the router gives it back; None if already ended."""
         return self._pop(reservation_id) if epoch == self._epoch else None
 
+    def release_request(self, request_id: str) -> list[Reservation]:
+        """End every live reservation of ``request_id`` (the router lost their ids)."""
+        ids = [r.reservation_id for r in self._live.values() if r.request_id == request_id]
+        return [r for r in map(self._pop, ids) if r is not None]
+
     def _pop(self, reservation_id: str) -> Reservation | None:
         reservation = self._live.pop(reservation_id, None)
         if reservation is not None and reservation.timer is not None:

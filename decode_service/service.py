@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 from decode_service.reservations import Reservation, ReservationTable, lease_expiry_unix_ms
-from engine.codec import finish_reason_to_pb, sampling_params_from_pb
+from engine.codec import finish_reason_to_pb, logprobs_list_to_pb, sampling_params_from_pb
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequest, TandemError
 from engine.request import EngineOutput, Request
@@ -78,7 +78,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             raise InvalidRequest("num_prompt_tokens", "must be >= 1")
         rid = f"{request.request_id}#{uuid.uuid4().hex[:12]}"
         n_tokens, max_tokens = request.num_prompt_tokens, request.max_tokens or None
-        block_ids = await self._rt.loop.call(lambda c: c.scheduler.reserve(rid, n_tokens, max_tokens))
+        block_ids = await self._reserve_blocks(rid, n_tokens, max_tokens)
         lease_s = (request.lease_ms or self._rt.config.lease_ms) / 1000.0
         reservation = Reservation(
             rid, request.request_id, self._rt.epoch, block_ids, n_tokens, lease_expiry_unix_ms(lease_s)
@@ -97,14 +97,34 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         )
         return worker_pb2.ReserveResponse(destination=destination.to_pb())
 
+    async def _reserve_blocks(self, rid: str, n_tokens: int, max_tokens: int | None) -> list[int]:
+        """Reserve on the engine thread; if the caller is cancelled meanwhile, free the blocks
+        as soon as the reservation lands, so a cancelled ``Reserve`` never strands them."""
+        task = asyncio.ensure_future(
+            self._rt.loop.call(lambda c: c.scheduler.reserve(rid, n_tokens, max_tokens))
+        )
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+
+            def cleanup(done: asyncio.Future[list[int]]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    self._rt.spawn(self._free_reservation(rid))
+
+            task.add_done_callback(cleanup)
+            raise
+
     async def Release(
         self, request: worker_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> worker_pb2.ReleaseResponse:
-        reservation = self.table.release(request.reservation_id, request.epoch)
-        if reservation is None:
-            return worker_pb2.ReleaseResponse(released=False)
-        await self._free_reservation(reservation.reservation_id)
-        return worker_pb2.ReleaseResponse(released=True)
+        if request.reservation_id:
+            found = self.table.release(request.reservation_id, request.epoch)
+            ended = [found] if found is not None else []
+        else:  # the caller lost the reservation id (its Reserve call was interrupted)
+            ended = self.table.release_request(request.request_id)
+        for reservation in ended:
+            await self._free_reservation(reservation.reservation_id)
+        return worker_pb2.ReleaseResponse(released=bool(ended))
 
     def _on_lease_expired(self, reservation: Reservation) -> None:
         logger.warning(
@@ -125,7 +145,6 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await abort_with(context, exc)
         rid = reservation.reservation_id
         queue = self._rt.loop.open_stream(rid)
-        added = False
         try:
             sampling = sampling_params_from_pb(request.sampling)
             timeout_s = request.transfer_wait_ms / 1000.0 or max(
@@ -143,17 +162,18 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
             first = request.first_token_id
             start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_request(req, first))
-            added = True
             async for out in self._outputs(start, queue):
                 yield worker_pb2.DecodeResponse(
-                    token_ids=out.new_token_ids, finish_reason=finish_reason_to_pb(out.finish_reason)
+                    token_ids=out.new_token_ids,
+                    finish_reason=finish_reason_to_pb(out.finish_reason),
+                    logprobs=logprobs_list_to_pb(out.logprobs),
                 )
         except TandemError as exc:
             await abort_with(context, exc)
         finally:
             self._rt.loop.close_stream(rid)
             self.receiver.forget(rid)
-            self._rt.spawn(self._abort(rid, added))
+            self._rt.spawn(self._abort(rid))
 
     async def _outputs(
         self, start: EngineOutput, queue: asyncio.Queue[EngineOutput]
@@ -169,14 +189,14 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             if out.finished:
                 return
 
-    async def _abort(self, rid: str, added: bool) -> None:
-        """Free whatever ``rid`` still holds (a finished request holds nothing)."""
+    async def _abort(self, rid: str) -> None:
+        """Free whatever ``rid`` still holds: its reservation, or the running request
+        (a finished request holds nothing). Both are tried because a cancelled
+        ``add_prefilled_request`` may still have run on the engine thread."""
 
         def abort(core: EngineCore) -> None:
-            if added:
+            if not core.scheduler.release_reservation(rid):
                 core.abort_request(rid)
-            else:
-                core.scheduler.release_reservation(rid)
 
         with contextlib.suppress(Exception):
             await self._rt.loop.call(abort)

@@ -2,14 +2,42 @@
 
 Each step the scheduler hands the runner one :class:`SequenceInput` per scheduled
 request; the runner computes them in one forward pass over the paged KV cache and
-returns one sampled token (or ``None``) per input.
+returns per input ``None`` (no sample), the sampled token id, or, when the
+request asked for log-probabilities, a :class:`TokenLogprobs` that carries the
+sampled id with them (see :func:`sampled_token_id`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from engine.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities at one generated position (natural log).
+
+    Taken from ``log_softmax`` of the model's raw logits at that position (before
+    penalties, temperature and filters; what transformers' ``output_logits``
+    gives, not its processed ``output_scores``).
+
+    Attributes:
+        token_id: the sampled token.
+        logprob: its log-probability.
+        top_logprobs: ``(token_id, logprob)`` of the ``SamplingParams.logprobs``
+            most likely tokens, most likely first, ties by lowest id.
+    """
+
+    token_id: int
+    logprob: float
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+
+
+def sampled_token_id(result: int | TokenLogprobs) -> int:
+    """The token id of one sampled result (a plain id or a :class:`TokenLogprobs`)."""
+    return result.token_id if isinstance(result, TokenLogprobs) else result
 
 
 @dataclass
@@ -31,6 +59,10 @@ class SequenceInput:
         sampling: the request's sampling parameters.
         output_index: index, among the request's generated tokens, of the token
             sampled this step (0 for the first token); seeds per-token generators.
+        prompt_token_ids: the request's whole prompt (repetition penalty).
+        output_token_ids: the tokens generated before this step (repetition,
+            presence and frequency penalties). Both may be the scheduler's own
+            lists: read them during the step only, never modify them.
     """
 
     req_id: str
@@ -40,6 +72,8 @@ class SequenceInput:
     sample: bool
     sampling: SamplingParams
     output_index: int = 0
+    prompt_token_ids: Sequence[int] = ()
+    output_token_ids: Sequence[int] = ()
 
     @property
     def is_prefill(self) -> bool:

@@ -43,6 +43,11 @@ class ModelConfig:
         bos_token_id: beginning-of-sequence id or ``None``.
         torch_dtype: the checkpoint's dtype name (``"float32"``, ``"bfloat16"``...) or ``None``.
         config_sha256: SHA-256 hex digest of config.json's bytes.
+        sliding_window: attention window (tokens) of sliding-window layers
+            (Mistral v0.1; Qwen2/Qwen3 with ``use_sliding_window``), or ``None``.
+            Sliding-window attention is not implemented: within the window it
+            equals full attention, so :func:`resolve_max_model_len` caps the
+            sequence length at the window instead.
     """
 
     path: Path
@@ -66,6 +71,7 @@ class ModelConfig:
     bos_token_id: int | None
     torch_dtype: str | None
     config_sha256: str
+    sliding_window: int | None = None
 
     @property
     def model_id(self) -> str:
@@ -125,6 +131,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id", gen.get("bos_token_id")),
             torch_dtype=cfg.get("dtype") or cfg.get("torch_dtype"),
             config_sha256=digest,
+            sliding_window=_sliding_window(cfg),
         )
 
 
@@ -143,6 +150,21 @@ def _rope_fields(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     return theta, params
 
 
+def _sliding_window(cfg: dict[str, Any]) -> int | None:
+    """The active sliding window (tokens), or ``None``.
+
+    Qwen2/Qwen3 configs carry a ``sliding_window`` that only applies with
+    ``use_sliding_window``; transformers 5 configs also list ``layer_types``.
+    """
+    window = cfg.get("sliding_window")
+    if window is None or cfg.get("use_sliding_window", True) is False:
+        return None
+    layer_types = cfg.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    return int(window)
+
+
 def _eos_ids(*values: int | list[int] | None) -> tuple[int, ...]:
     """Sorted union of eos ids given as ints, lists of ints or ``None``."""
     ids: set[int] = set()
@@ -157,18 +179,27 @@ def _eos_ids(*values: int | list[int] | None) -> tuple[int, ...]:
 def resolve_max_model_len(model_config: ModelConfig, requested: int | None) -> int:
     """Longest sequence (prompt plus completion, tokens) a worker accepts.
 
-    Returns ``requested``, or ``max_position_embeddings`` when ``None``.
+    Returns ``requested``, or the limit when ``None``. The limit is
+    ``max_position_embeddings``, or the ``sliding_window`` when that is smaller
+    (sliding-window attention is not implemented; sequences no longer than the
+    window attend exactly as the model does).
 
     Raises:
-        ValueError: ``requested`` is < 1 or exceeds ``max_position_embeddings``.
+        ValueError: ``requested`` is < 1 or exceeds the limit.
     """
     limit = model_config.max_position_embeddings
+    reason = f"max_position_embeddings of {model_config.name}"
+    window = model_config.sliding_window
+    if window is not None and window < limit:
+        limit = window
+        reason = (
+            f"sliding_window of {model_config.name}; longer sequences need sliding-window "
+            "attention, which Tandem does not implement"
+        )
     if requested is None:
         return limit
     if not 1 <= requested <= limit:
-        raise ValueError(
-            f"max_model_len {requested} must be in [1, {limit}] (max_position_embeddings of {model_config.name})"
-        )
+        raise ValueError(f"max_model_len {requested} must be in [1, {limit}] ({reason})")
     return requested
 
 

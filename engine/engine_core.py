@@ -8,9 +8,10 @@ one thread (``engine/engine_loop.py``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
-from engine.batch import SequenceInput
+from engine.batch import SequenceInput, TokenLogprobs
 from engine.request import EngineOutput, Request
 from engine.scheduler import Scheduler
 
@@ -20,8 +21,9 @@ __all__ = ["EngineCore", "EngineOutput", "ModelExecutor"]
 class ModelExecutor(Protocol):
     """Anything that computes a step (``engine.model_runner.ModelRunner``, or a fake in tests)."""
 
-    def execute(self, seqs: list[SequenceInput]) -> list[int | None]:
-        """Compute ``seqs`` in one pass; return one sampled token id per input (``None`` if not sampled)."""
+    def execute(self, seqs: list[SequenceInput]) -> Sequence[int | TokenLogprobs | None]:
+        """Compute ``seqs`` in one pass; return per input the sampled token id, or its
+        :class:`TokenLogprobs` when the request asked for them (``None`` if not sampled)."""
         ...
 
 
@@ -36,6 +38,8 @@ class EngineCore:
     def __init__(self, scheduler: Scheduler, runner: ModelExecutor) -> None:
         self.scheduler = scheduler
         self.runner = runner
+        #: Tokens computed by the last step (0: nothing could be scheduled).
+        self.last_num_scheduled_tokens = 0
 
     def add_request(self, request: Request) -> None:
         """Queue a request (see :meth:`Scheduler.add_request` for the errors raised)."""
@@ -52,6 +56,7 @@ class EngineCore:
     def step(self) -> list[EngineOutput]:
         """Run one step; return one output per request that sampled a token."""
         scheduler_output = self.scheduler.schedule()
+        self.last_num_scheduled_tokens = scheduler_output.total_num_scheduled_tokens
         if not scheduler_output.seqs:
             return []
         sampled = self.runner.execute(scheduler_output.seqs)

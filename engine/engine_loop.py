@@ -31,6 +31,10 @@ C = TypeVar("C", bound="SteppableCore")
 class SteppableCore(Protocol):
     """What the loop needs of an engine core."""
 
+    #: Tokens computed by the last step; 0 means nothing could be scheduled
+    #: (e.g. every block is held by reservations), so the loop waits for a command.
+    last_num_scheduled_tokens: int
+
     def step(self) -> list[Any]: ...
 
     def has_unfinished_requests(self) -> bool: ...
@@ -106,7 +110,7 @@ class EngineLoop(Generic[C]):
     def _run(self) -> None:
         try:
             while True:
-                busy = self._core.has_unfinished_requests()
+                busy = self._core.has_unfinished_requests() and self._core.last_num_scheduled_tokens > 0
                 if not self._drain_commands(block=not busy):
                     return
                 if self._core.has_unfinished_requests():
@@ -132,13 +136,14 @@ class EngineLoop(Generic[C]):
             try:
                 result = fn(self._core)
             except Exception as exc:
+                self.load = self._load_fn(self._core)
                 self._resolve(future, None, exc)
             else:
+                self.load = self._load_fn(self._core)  # before the caller sees the result
                 self._resolve(future, result, None)
             try:
                 item = self._commands.get_nowait()
             except queue.Empty:
-                self.load = self._load_fn(self._core)
                 return True
 
     def _resolve(self, future: asyncio.Future[Any], result: Any, exc: BaseException | None) -> None:

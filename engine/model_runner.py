@@ -2,9 +2,10 @@
 
 Lifecycle:
 
-1. ``ModelRunner(...)`` loads the checkpoint (registry + safetensors loader)
-   and allocates the KV cache, one zeroed tensor in layout ``"LKBTHD"`` sized
-   by ``num_kv_blocks`` or by the memory budget.
+1. ``ModelRunner(...)`` loads the checkpoint (registry + safetensors loader,
+   or seeded random weights with ``load_format="dummy"``) and allocates the KV
+   cache, one zeroed tensor in layout ``"LKBTHD"`` sized by ``num_kv_blocks``
+   or by the memory budget.
 2. Each step the scheduler calls :meth:`ModelRunner.execute` with one
    :class:`~engine.batch.SequenceInput` per scheduled request: prompt chunks
    and decode tokens mixed. The runner flattens them, builds
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 import torch
 
 from engine.attention import AttentionMetadata, KvCacheSpec, get_attention_backend
-from engine.batch import SequenceInput
+from engine.batch import SequenceInput, TokenLogprobs
 from engine.config import ModelConfig
 from engine.models.loader import load_model
 from engine.sampler import Sampler
@@ -49,11 +50,14 @@ class ModelRunner:
             ``kv_cache_memory_bytes`` allows.
         kv_cache_memory_bytes: cache budget in bytes when ``num_kv_blocks`` is ``None``.
         max_model_len: longest sequence accepted (tokens).
-        seed: seed of the sampler's shared generator.
+        seed: seed of the sampler's shared generator and of ``"dummy"`` weights.
         attention_backend: name of the registered attention implementation.
+        load_format: ``"auto"``, ``"safetensors"`` or ``"dummy"`` (random
+            weights from config.json alone, see
+            :func:`engine.models.loader.init_dummy_weights`).
 
     Raises:
-        ValueError: bad architecture, dtype or weights (see
+        ValueError: bad architecture, dtype, load format or weights (see
             :func:`engine.models.loader.load_model`), or a budget below one block.
     """
 
@@ -69,13 +73,21 @@ class ModelRunner:
         max_model_len: int,
         seed: int = 0,
         attention_backend: str = "torch",
+        load_format: str = "auto",
     ) -> None:
         self.model_config = model_config
         self.device = torch.device(resolve_device(device))
         self.dtype = dtype
         self.block_size = block_size
         self.max_model_len = max_model_len
-        self.model = load_model(model_config, dtype, self.device, get_attention_backend(attention_backend))
+        self.model = load_model(
+            model_config,
+            dtype,
+            self.device,
+            get_attention_backend(attention_backend),
+            load_format=load_format,
+            seed=seed,
+        )
         spec = KvCacheSpec(
             num_layers=model_config.num_hidden_layers,
             num_blocks=0,
@@ -125,14 +137,15 @@ class ModelRunner:
         return self.kv_cache_spec.layout
 
     @torch.inference_mode()
-    def execute(self, seqs: Sequence[SequenceInput]) -> list[int | None]:
+    def execute(self, seqs: Sequence[SequenceInput]) -> list[int | TokenLogprobs | None]:
         """Compute one step and sample.
 
         Args:
             seqs: one slice per scheduled request (see :class:`SequenceInput`).
 
         Returns:
-            Per input, the sampled token id when ``sample`` is set, else ``None``.
+            Per input, ``None`` when ``sample`` is not set, else the sampled token
+            id, or its :class:`TokenLogprobs` when ``sampling.logprobs`` is set.
 
         Raises:
             ValueError: an input exceeds ``max_model_len``, has a block table
@@ -157,16 +170,14 @@ class ModelRunner:
             metadata,
         )
         sampled = [i for i, s in enumerate(seqs) if s.sample]
-        results: list[int | None] = [None] * len(seqs)
+        results: list[int | TokenLogprobs | None] = [None] * len(seqs)
         if not sampled:
             return results
         last_rows = torch.tensor(
             [metadata.query_start_loc_cpu[i + 1] - 1 for i in sampled], device=self.device
         )
         logits = self.model.compute_logits(hidden[last_rows])
-        tokens = self.sampler.sample(
-            logits, [seqs[i].sampling for i in sampled], [seqs[i].output_index for i in sampled]
-        )
+        tokens = self.sampler.sample(logits, [seqs[i] for i in sampled])
         for i, token in zip(sampled, tokens, strict=True):
             results[i] = token
         return results

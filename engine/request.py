@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from engine.batch import TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 
@@ -56,6 +57,8 @@ class EngineOutput:
         finish_reason: ``"stop"``, ``"length"`` or ``"abort"`` when finished.
         num_cached_tokens: prompt tokens whose KV was reused from the prefix
             cache instead of computed (tokens).
+        logprobs: one entry per ``new_token_ids`` entry when the request's
+            ``sampling.logprobs`` is set, else empty.
     """
 
     req_id: str
@@ -63,6 +66,7 @@ class EngineOutput:
     finished: bool = False
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass(eq=False)
@@ -133,14 +137,17 @@ class Request:
     def check_stop(self) -> bool:
         """Finish the request if its last token ends it; return whether it is finished.
 
-        EOS is checked first (``FINISHED_STOPPED`` unless ``ignore_eos``), then
-        length: ``max_tokens`` outputs or ``max_model_len`` tokens in all
-        (``FINISHED_LENGTH``). A token that is both EOS and the last allowed one
-        reports ``"stop"``.
+        Stop tokens are checked first: EOS unless ``ignore_eos``, and
+        ``sampling.stop_token_ids`` always (``FINISHED_STOPPED``; the token stays
+        in the output), then length: ``max_tokens`` outputs or ``max_model_len``
+        tokens in all (``FINISHED_LENGTH``). A token that is both a stop token
+        and the last allowed one reports ``"stop"``.
         """
         if not self.output_token_ids:
             return False
-        if not self.sampling.ignore_eos and self.output_token_ids[-1] in self.eos_token_ids:
+        last = self.output_token_ids[-1]
+        is_eos = not self.sampling.ignore_eos and last in self.eos_token_ids
+        if is_eos or last in self.sampling.stop_token_ids:
             self.status = RequestStatus.FINISHED_STOPPED
         elif len(self.output_token_ids) >= self.sampling.max_tokens or (
             self.max_model_len is not None and self.num_tokens >= self.max_model_len

@@ -1,21 +1,31 @@
 """Choose the next token of each request from its logits.
 
-Per row: greedy rows take the argmax (ties go to the lowest token id, as
-``torch.argmax``). Other rows divide the logits by ``temperature``, keep the
-``top_k`` most likely tokens, keep the smallest set of most likely tokens whose
-probability mass reaches ``top_p`` (nucleus sampling: Holtzman et al., 2019,
-"The Curious Case of Neural Text Degeneration", arXiv:1904.09751), and draw by
-inverse transform: with ``u`` uniform in [0, 1), the token whose cumulative
-probability interval (in descending-probability order, ties by lowest id)
-contains ``u``.
+Per row, in the order transformers' ``generate`` applies its logits processors:
+
+1. penalties on the raw logits, for tokens already seen: the repetition penalty
+   of transformers' ``RepetitionPenaltyLogitsProcessor`` (Keskar et al., 2019,
+   "CTRL", arXiv:1909.05858) over prompt and output tokens (positive logits
+   divided by it, negative ones multiplied), then the presence and frequency
+   penalties of the OpenAI API over output tokens
+   (``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``);
+2. greedy rows take the argmax (ties go to the lowest token id, as ``torch.argmax``);
+3. other rows divide by ``temperature``, keep the ``top_k`` most likely tokens,
+   keep the smallest set of most likely tokens whose probability mass reaches
+   ``top_p`` (nucleus sampling: Holtzman et al., 2019, arXiv:1904.09751), drop
+   tokens less likely than ``min_p`` times the most likely one (min-p sampling:
+   Nguyen et al., 2024, "Turning Up the Heat: Min-p Sampling for Creative and
+   Coherent LLM Outputs", arXiv:2407.01082), and draw by inverse transform: with
+   ``u`` uniform in [0, 1), the token whose cumulative probability interval (in
+   descending-probability order, ties by lowest id) contains ``u``.
+
+Log-probabilities (``SamplingParams.logprobs``) are ``log_softmax`` of the raw
+logits, before penalties, temperature and filters (transformers'
+``output_logits``, not its processed ``output_scores``).
 
 Randomness: ``u`` is drawn on the CPU. For a request with ``seed`` its token
 number ``i`` uses a ``torch.Generator`` seeded with :func:`mix_seed` ``(seed, i)``,
 so the draw does not depend on the batch, the step or the device; unseeded
 requests share one generator seeded from the worker seed.
-
-Processing runs as a chain of steps on the sorted logits, so later filters
-(min-p, penalties) and log-probabilities slot in beside the existing ones.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engine.batch import SequenceInput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -55,22 +66,25 @@ class Sampler:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
 
-    def sample(
-        self, logits: torch.Tensor, params: Sequence[SamplingParams], output_indices: Sequence[int]
-    ) -> list[int]:
-        """Token ids, one per row.
+    def sample(self, logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> list[int | TokenLogprobs]:
+        """One sampled result per row.
 
         Args:
-            logits: float32 ``[N, vocab_size]`` (any device).
-            params: sampling parameters of each row.
-            output_indices: index of each row's token among its request's
-                generated tokens (seeds per-token generators).
+            logits: ``[N, vocab_size]`` raw logits (any float dtype, any device).
+            seqs: the inputs the rows belong to: their ``sampling``,
+                ``output_index`` (seeds per-token generators) and token history
+                (``prompt_token_ids``, ``output_token_ids``: penalties).
 
         Returns:
-            ``N`` token ids.
+            ``N`` results: the token id, or a :class:`TokenLogprobs` for rows
+            whose ``sampling.logprobs`` is not ``None``.
         """
-        assert logits.shape[0] == len(params) == len(output_indices)
-        tokens = [0] * len(params)
+        assert logits.shape[0] == len(seqs)
+        params = [s.sampling for s in seqs]
+        logits = logits.float()
+        raw_logits = logits
+        logits = apply_penalties(logits, seqs)
+        tokens = [0] * len(seqs)
         greedy_rows = [i for i, p in enumerate(params) if p.greedy]
         random_rows = [i for i, p in enumerate(params) if not p.greedy]
         if greedy_rows:
@@ -80,13 +94,21 @@ class Sampler:
         if random_rows:
             rows = torch.tensor(random_rows, device=logits.device)
             chosen = self._sample_random(
-                logits[rows],
-                [params[i] for i in random_rows],
-                [output_indices[i] for i in random_rows],
+                logits[rows], [params[i] for i in random_rows], [seqs[i].output_index for i in random_rows]
             )
             for i, token in zip(random_rows, chosen, strict=True):
                 tokens[i] = token
-        return tokens
+        results: list[int | TokenLogprobs] = list(tokens)
+        logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+        if logprob_rows:
+            found = compute_logprobs(
+                raw_logits[torch.tensor(logprob_rows, device=logits.device)],
+                [tokens[i] for i in logprob_rows],
+                [params[i].logprobs or 0 for i in logprob_rows],
+            )
+            for i, entry in zip(logprob_rows, found, strict=True):
+                results[i] = entry
+        return results
 
     def _sample_random(
         self, logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]
@@ -97,6 +119,7 @@ class Sampler:
         sorted_logits = _apply_top_k(sorted_logits, [p.top_k for p in params])
         probs = torch.softmax(sorted_logits, dim=-1)
         probs = _apply_top_p(probs, [p.top_p for p in params])
+        probs = _apply_min_p(probs, [p.min_p for p in params])
         uniforms = self._uniforms(params, output_indices).to(device)
         cdf = probs.cumsum(dim=-1)
         positions = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1), right=True)
@@ -116,6 +139,73 @@ class Sampler:
         return uniforms
 
 
+def _token_matrix(histories: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
+    """float32 ``[len(histories), vocab_size]``: how often each token occurs in each row's history."""
+    counts = torch.zeros(len(histories), vocab_size, dtype=torch.float32, device=device)
+    rows = [r for r, history in enumerate(histories) for _ in history]
+    if rows:
+        ids = torch.tensor([t for history in histories for t in history], dtype=torch.int64, device=device)
+        row_index = torch.tensor(rows, dtype=torch.int64, device=device)
+        counts.index_put_((row_index, ids), torch.ones_like(ids, dtype=torch.float32), accumulate=True)
+    return counts
+
+
+def apply_penalties(logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> torch.Tensor:
+    """Repetition, presence and frequency penalties (see the module docstring).
+
+    Args:
+        logits: float32 ``[N, vocab_size]``.
+        seqs: one input per row; rows without penalties are left as they are.
+
+    Returns:
+        A new float32 ``[N, vocab_size]`` tensor, or ``logits`` itself when no
+        row has a penalty.
+    """
+    rows = [i for i, s in enumerate(seqs) if s.sampling.has_penalties]
+    if not rows:
+        return logits
+    device = logits.device
+    index = torch.tensor(rows, device=device)
+    picked = logits[index]
+    params = [seqs[i].sampling for i in rows]
+    out_counts = _token_matrix([seqs[i].output_token_ids for i in rows], logits.shape[1], device)
+    prompt_seen = _token_matrix([seqs[i].prompt_token_ids for i in rows], logits.shape[1], device) > 0
+    seen = prompt_seen | (out_counts > 0)
+    penalty = torch.tensor([p.repetition_penalty for p in params], device=device).unsqueeze(1)
+    penalized = torch.where(picked < 0, picked * penalty, picked / penalty)
+    picked = torch.where(seen, penalized, picked)
+    frequency = torch.tensor([p.frequency_penalty for p in params], device=device).unsqueeze(1)
+    presence = torch.tensor([p.presence_penalty for p in params], device=device).unsqueeze(1)
+    picked = picked - out_counts * frequency - (out_counts > 0).float() * presence
+    out = logits.clone()
+    out[index] = picked
+    return out
+
+
+def compute_logprobs(logits: torch.Tensor, token_ids: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """Log-probabilities of the sampled tokens and of each row's most likely tokens.
+
+    Args:
+        logits: float32 ``[N, vocab_size]`` raw logits.
+        token_ids: the token sampled in each row.
+        num_top: how many most likely tokens to report per row (0 to 20).
+
+    Returns:
+        ``N`` entries; ``top_logprobs`` most likely first, ties by lowest id.
+    """
+    logprobs = torch.log_softmax(logits, dim=-1)
+    chosen = (
+        logprobs.gather(1, torch.tensor(token_ids, device=logits.device).unsqueeze(1)).squeeze(1).tolist()
+    )
+    k = min(max(num_top), logits.shape[1])
+    sorted_values, sorted_ids = torch.sort(logprobs, dim=-1, descending=True, stable=True)
+    top_values, top_ids = sorted_values[:, :k].tolist(), sorted_ids[:, :k].tolist()
+    return [
+        TokenLogprobs(token_ids[r], chosen[r], tuple(zip(top_ids[r][:n], top_values[r][:n], strict=True)))
+        for r, n in enumerate(num_top)
+    ]
+
+
 def _apply_top_k(sorted_logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     """Mask every column at or past each row's ``top_k`` (0 keeps all) with ``-inf``."""
     vocab_size = sorted_logits.shape[1]
@@ -133,3 +223,16 @@ def _apply_top_p(sorted_probs: torch.Tensor, top_p: list[float]) -> torch.Tensor
     p = torch.tensor(top_p, device=sorted_probs.device, dtype=sorted_probs.dtype).unsqueeze(1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     return sorted_probs.masked_fill(mass_before >= p, 0.0)
+
+
+def _apply_min_p(sorted_probs: torch.Tensor, min_p: list[float]) -> torch.Tensor:
+    """Zero tokens less likely than ``min_p`` times the row's most likely one (0 keeps all).
+
+    The most likely token is column 0 and always stays. Comparing against the
+    top probability is scale-invariant, so the renormalization that
+    transformers' ``MinPLogitsWarper`` does after top-k and top-p is not needed.
+    """
+    if all(p == 0.0 for p in min_p):
+        return sorted_probs
+    p = torch.tensor(min_p, device=sorted_probs.device, dtype=sorted_probs.dtype).unsqueeze(1)
+    return sorted_probs.masked_fill(sorted_probs < p * sorted_probs[:, :1], 0.0)

@@ -33,9 +33,10 @@ The scheduler never touches blocks itself; :class:`KVCacheManager` does.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.batch import SequenceInput
+from engine.batch import SequenceInput, TokenLogprobs, sampled_token_id
 from engine.errors import CapacityExceeded, InvalidRequest, ReservationNotFound
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.request import EngineOutput, Request, RequestStatus, finish_reason
@@ -206,6 +207,8 @@ class Scheduler:
             sample=end == request.num_tokens,
             sampling=request.sampling,
             output_index=len(request.output_token_ids),
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
         )
 
     def _preempt(self, request: Request) -> None:
@@ -267,14 +270,15 @@ class Scheduler:
             self.kv_cache_manager.free(request.req_id)
 
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, sampled: list[int | None]
+        self, scheduler_output: SchedulerOutput, sampled: Sequence[int | TokenLogprobs | None]
     ) -> list[EngineOutput]:
         """Apply one step's results.
 
         Args:
             scheduler_output: what :meth:`schedule` returned for the step.
             sampled: one entry per ``scheduler_output.seqs``: the sampled token
-                id, or ``None`` where the input did not sample.
+                id (or its :class:`TokenLogprobs`, passed on in
+                ``EngineOutput.logprobs``), or ``None`` where the input did not sample.
 
         Returns:
             One output per request that sampled a token, in input order.
@@ -286,15 +290,16 @@ class Scheduler:
         if len(sampled) != len(scheduler_output.seqs):
             raise ValueError(f"{len(sampled)} results for {len(scheduler_output.seqs)} inputs")
         outputs = []
-        for seq, token_id in zip(scheduler_output.seqs, sampled, strict=True):
+        for seq, result in zip(scheduler_output.seqs, sampled, strict=True):
             request = self.requests.get(seq.req_id)
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted after scheduling
             request.num_computed_tokens = seq.end_pos
             if not seq.sample:
                 continue
-            if token_id is None:
+            if result is None:
                 raise ValueError(f"no token sampled for {seq.req_id!r}")
+            token_id = sampled_token_id(result)
             request.append_output_token(token_id)
             finished = request.check_stop()
             if finished:
@@ -306,6 +311,7 @@ class Scheduler:
                     finished=finished,
                     finish_reason=finish_reason(request.status),
                     num_cached_tokens=request.num_cached_tokens,
+                    logprobs=[result] if isinstance(result, TokenLogprobs) else [],
                 )
             )
         return outputs

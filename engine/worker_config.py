@@ -31,8 +31,8 @@ class WorkerConfig:
         role: ``"prefill"`` or ``"decode"``.
         model: checkpoint directory (config.json, *.safetensors, tokenizer.json).
         device: ``"auto"`` (cuda when available), ``"cpu"`` or ``"cuda"`` / ``"cuda:N"``.
-        dtype: ``"auto"`` (the checkpoint's dtype; float32 on CPU for float16
-            checkpoints), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
+        dtype: ``"auto"`` (float32 on CPU; on CUDA the checkpoint's dtype, or
+            bfloat16), ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         max_model_len: longest prompt plus completion in tokens; ``None`` means
             the config's ``max_position_embeddings``.
         num_kv_blocks: blocks in the KV pool; ``None`` sizes the pool from
@@ -56,7 +56,10 @@ class WorkerConfig:
         max_num_batched_tokens: most tokens computed in one step.
         max_queue_len: most waiting requests; more are refused with
             ``RESOURCE_EXHAUSTED``.
-        seed: seed of the worker's global random generator.
+        seed: seed of the worker's global random generator and of ``"dummy"`` weights.
+        load_format: ``"auto"`` or ``"safetensors"`` reads the checkpoint's
+            weights; ``"dummy"`` builds seeded random weights from config.json
+            alone (workers with the same seed hold the same weights).
     """
 
     role: Role
@@ -82,6 +85,7 @@ class WorkerConfig:
     max_num_batched_tokens: int = 2048
     max_queue_len: int = 256
     seed: int = 0
+    load_format: str = "auto"
 
     @property
     def resolved_worker_id(self) -> str:

@@ -115,6 +115,7 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         kv_cache_memory_bytes=config.kv_cache_memory_bytes,
         max_model_len=max_model_len,
         seed=config.seed,
+        load_format=config.load_format,
     )
     scheduler = Scheduler(
         SchedulerConfig(
@@ -133,13 +134,11 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
     return WorkerRuntime(config, model_config, runner, loop, layout, max_model_len, metrics)
 
 
-async def _publish_metrics(runtime: WorkerRuntime, interval_s: float = 0.25) -> None:
-    while True:
-        load = runtime.loop.load
-        runtime.metrics.kv_blocks_used.set(load.num_kv_blocks_used)
-        runtime.metrics.requests_running.set(load.num_requests_running)
-        runtime.metrics.requests_waiting.set(load.num_requests_waiting)
-        await asyncio.sleep(interval_s)
+def _export_load(runtime: WorkerRuntime) -> None:
+    """Read the gauges from the engine's latest load snapshot at every scrape."""
+    runtime.metrics.kv_blocks_used.set_function(lambda: runtime.loop.load.num_kv_blocks_used)
+    runtime.metrics.requests_running.set_function(lambda: runtime.loop.load.num_requests_running)
+    runtime.metrics.requests_waiting.set_function(lambda: runtime.loop.load.num_requests_waiting)
 
 
 class WorkerRole:
@@ -166,6 +165,7 @@ class WorkerRole:
 async def run_worker(config: WorkerConfig, role: WorkerRole) -> None:
     """Run a worker until SIGTERM/SIGINT (see the module docstring)."""
     runtime = build_runtime(config)
+    _export_load(runtime)
     metrics_port = runtime.metrics.serve(config.host, config.metrics_port)
     process = GrpcProcess(
         config.host, config.port, [role.service_name], lambda s: role.add_servicers(runtime, s)
@@ -190,7 +190,6 @@ async def run_worker(config: WorkerConfig, role: WorkerRole) -> None:
     )
     runtime.epoch = await registration.start()
     role.on_registered(runtime)
-    publisher = asyncio.get_running_loop().create_task(_publish_metrics(runtime))
     await process.set_serving()
     logger.info(
         "%s %s serving on %s (epoch %d)", config.role, runtime.worker_id, process.address, runtime.epoch
@@ -198,7 +197,6 @@ async def run_worker(config: WorkerConfig, role: WorkerRole) -> None:
     try:
         await process.wait_for_termination()
     finally:
-        publisher.cancel()
         with contextlib.suppress(Exception):
             await registration.stop()
         await role.stop(runtime)

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import grpc
 
-from engine.codec import sampling_params_from_pb
+from engine.codec import sampling_params_from_pb, token_logprobs_to_pb
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequest, RequestAborted, TandemError
 from engine.kv_cache_manager import cdiv
@@ -84,7 +84,7 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             self._rt.spawn(self._free(rid))
         self._rt.metrics.kv_transfer_bytes.labels(backend=destination.transport).inc(stats.num_bytes)
         self._rt.metrics.prompt_tokens.inc(len(prompt))
-        return worker_pb2.PrefillResponse(
+        response = worker_pb2.PrefillResponse(
             first_token_id=out.new_token_ids[0],
             num_cached_tokens=out.num_cached_tokens,
             kv_bytes_sent=stats.num_bytes,
@@ -92,6 +92,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             prefill_seconds=prefill_s,
             transfer_seconds=stats.seconds,
         )
+        if out.logprobs:
+            response.first_token_logprobs.CopyFrom(token_logprobs_to_pb(out.logprobs[0]))
+        return response
 
     @staticmethod
     async def _first_output(queue: asyncio.Queue[EngineOutput]) -> EngineOutput:

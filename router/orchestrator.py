@@ -15,13 +15,16 @@ Any failure or cancellation before step 4 releases the reservation (a shielded
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
 
 import grpc
 
-from engine.codec import finish_reason_from_pb, sampling_params_to_pb
+from engine.batch import TokenLogprobs
+from engine.codec import finish_reason_from_pb, sampling_params_to_pb, token_logprobs_from_pb
 from engine.errors import WorkerUnavailable
 from router.routing import RoutingPolicy, RoutingRequest
 from router.validation import ParsedRequest
@@ -33,17 +36,22 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenChunk:
-    """New tokens of a request; the last chunk has ``finish_reason`` set."""
+    """New tokens of a request; the last chunk has ``finish_reason`` set.
+
+    ``logprobs`` has one entry per token when the request asked for them.
+    """
 
     token_ids: list[int]
     finish_reason: str | None = None
     num_cached_tokens: int = 0
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
 
 
 @dataclass
 class _Reservation:
     stub: worker_pb2_grpc.DecodeWorkerStub
     destination: kv_pb2.KvDestination
+    attempt_id: str
     handed_over: bool = False
 
 
@@ -74,7 +82,7 @@ class Orchestrator:
         self._lease_ms = lease_ms
         self._background: set[asyncio.Task[None]] = set()
 
-    async def generate(self, req: ParsedRequest, timeout_s: float | None) -> AsyncIterator[TokenChunk]:
+    async def generate(self, req: ParsedRequest, timeout_s: float | None) -> AsyncGenerator[TokenChunk, None]:
         """Yield ``req``'s tokens as they are produced.
 
         Args:
@@ -100,21 +108,27 @@ class Orchestrator:
             self._pool.in_flight(prefill.worker_id, n_prompt),
         ):
             d_stub = worker_pb2_grpc.DecodeWorkerStub(self._pool.channel(decode.worker_id))
-            reserved = await d_stub.Reserve(
-                worker_pb2.ReserveRequest(
-                    request_id=req.request_id,
-                    num_prompt_tokens=n_prompt,
-                    max_tokens=req.sampling.max_tokens,
-                    lease_ms=self._lease_ms,
-                ),
-                timeout=remaining(),
-            )
-            reservation = _Reservation(d_stub, reserved.destination)
+            # Unique per attempt, so that a release by request id touches nobody else's blocks.
+            attempt_id = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
+            try:
+                reserved = await d_stub.Reserve(
+                    worker_pb2.ReserveRequest(
+                        request_id=attempt_id,
+                        num_prompt_tokens=n_prompt,
+                        max_tokens=req.sampling.max_tokens,
+                        lease_ms=self._lease_ms,
+                    ),
+                    timeout=remaining(),
+                )
+            except BaseException:  # interrupted: the reservation may exist without us knowing its id
+                self._release_in_background(d_stub, worker_pb2.ReleaseRequest(request_id=attempt_id))
+                raise
+            reservation = _Reservation(d_stub, reserved.destination, attempt_id)
             try:
                 p_stub = worker_pb2_grpc.PrefillWorkerStub(self._pool.channel(prefill.worker_id))
                 prefilled = await p_stub.Prefill(
                     worker_pb2.PrefillRequest(
-                        request_id=req.request_id,
+                        request_id=attempt_id,
                         prompt_token_ids=req.prompt_token_ids,
                         sampling=sampling_params_to_pb(req.sampling),
                         destination=reservation.destination,
@@ -123,18 +137,31 @@ class Orchestrator:
                 )
                 first = prefilled.first_token_id
                 finish = self._finish_after_first_token(req, first)
-                yield TokenChunk([first], finish, prefilled.num_cached_tokens)
+                first_logprobs = (
+                    [token_logprobs_from_pb(prefilled.first_token_logprobs)]
+                    if prefilled.HasField("first_token_logprobs")
+                    else []
+                )
+                yield TokenChunk([first], finish, prefilled.num_cached_tokens, first_logprobs)
                 if finish is not None:
                     return
                 reservation.handed_over = True
-                async for chunk in self._decode(req, reservation, first, remaining()):
-                    yield chunk
+                async with contextlib.aclosing(self._decode(req, reservation, first, remaining())) as chunks:
+                    async for chunk in chunks:
+                        yield chunk
             finally:
                 if not reservation.handed_over:
-                    self._release_in_background(req.request_id, reservation)
+                    self._release_in_background(
+                        d_stub,
+                        worker_pb2.ReleaseRequest(
+                            request_id=attempt_id,
+                            reservation_id=reservation.destination.reservation_id,
+                            epoch=reservation.destination.epoch,
+                        ),
+                    )
 
     def _finish_after_first_token(self, req: ParsedRequest, token_id: int) -> str | None:
-        if token_id in self._eos and not req.sampling.ignore_eos:
+        if (token_id in self._eos and not req.sampling.ignore_eos) or token_id in req.sampling.stop_token_ids:
             return "stop"
         if req.sampling.max_tokens <= 1 or len(req.prompt_token_ids) + 1 >= self._max_model_len:
             return "length"
@@ -142,10 +169,10 @@ class Orchestrator:
 
     async def _decode(
         self, req: ParsedRequest, reservation: _Reservation, first_token: int, timeout_s: float | None
-    ) -> AsyncIterator[TokenChunk]:
+    ) -> AsyncGenerator[TokenChunk, None]:
         call = reservation.stub.Decode(
             worker_pb2.DecodeRequest(
-                request_id=req.request_id,
+                request_id=reservation.attempt_id,
                 reservation_id=reservation.destination.reservation_id,
                 epoch=reservation.destination.epoch,
                 prompt_token_ids=req.prompt_token_ids,
@@ -157,7 +184,9 @@ class Orchestrator:
         try:
             async for msg in call:
                 finish = finish_reason_from_pb(msg.finish_reason)
-                yield TokenChunk(list(msg.token_ids), finish)
+                yield TokenChunk(
+                    list(msg.token_ids), finish, logprobs=[token_logprobs_from_pb(lp) for lp in msg.logprobs]
+                )
                 if finish is not None:
                     return
             raise WorkerUnavailable(
@@ -166,21 +195,16 @@ class Orchestrator:
         finally:
             call.cancel()
 
-    def _release_in_background(self, request_id: str, reservation: _Reservation) -> None:
+    def _release_in_background(
+        self, stub: worker_pb2_grpc.DecodeWorkerStub, request: worker_pb2.ReleaseRequest
+    ) -> None:
         """Release a reservation without waiting (also runs when the caller was cancelled)."""
 
         async def release() -> None:
             try:
-                await reservation.stub.Release(
-                    worker_pb2.ReleaseRequest(
-                        request_id=request_id,
-                        reservation_id=reservation.destination.reservation_id,
-                        epoch=reservation.destination.epoch,
-                    ),
-                    timeout=5.0,
-                )
+                await stub.Release(request, timeout=5.0)
             except grpc.aio.AioRpcError as exc:  # the lease frees the blocks anyway
-                logger.warning("release of %s failed: %s", request_id, exc.code().name)
+                logger.warning("release of %s failed: %s", request.request_id, exc.code().name)
 
         task = asyncio.get_running_loop().create_task(release())
         self._background.add(task)

@@ -21,7 +21,7 @@ from router.orchestrator import Orchestrator
 from router.routing import get_policy
 from router.service import GenerationService, ServedModel
 from router.worker_pool import WorkerPool
-from tandem.v1 import generation_pb2, generation_pb2_grpc
+from tandem.v1 import generation_pb2, generation_pb2_grpc, kv_pb2, worker_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,19 @@ async def serve(config: RouterConfig) -> None:
         block_size=16,
         dtype=model.torch_dtype or "float32",
     )
-    service = GenerationService(orchestrator, tokenizer, served, metrics, max_inflight=config.max_queue_len)
+
+    def worker_layout() -> kv_pb2.LayoutDescriptor | None:
+        workers = pool.healthy(worker_pb2.WORKER_ROLE_DECODE)
+        return workers[0].info.layout if workers else None
+
+    service = GenerationService(
+        orchestrator,
+        tokenizer,
+        served,
+        metrics,
+        max_inflight=config.max_queue_len,
+        worker_layout=worker_layout,
+    )
     name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
     process = GrpcProcess(
         config.host,

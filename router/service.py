@@ -2,36 +2,45 @@
 
 Each call: bound the number of requests in flight (``RESOURCE_EXHAUSTED`` past
 it), validate and tokenize (``INVALID_ARGUMENT``), run the request through the
-:class:`Orchestrator`, detokenize incrementally and answer. Errors map to status
-codes in one place (``engine.serving.abort_with``); a worker's status is passed
-on as it came.
+:class:`Orchestrator`, detokenize incrementally, cut the text at the first stop
+string (``engine.stop``: text that could begin a stop string is held back until
+it cannot; on a match the stream ends with ``FINISH_REASON_STOP`` and the decode
+call is cancelled, which frees the request's blocks) and answer. Errors map to
+status codes in one place (``engine.serving.abort_with``); a worker's status is
+passed on as it came.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
 
-from engine.codec import finish_reason_to_pb
+from engine.codec import finish_reason_to_pb, logprobs_list_to_pb
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import CapacityExceeded, TandemError
 from engine.metrics import ProcessMetrics
 from engine.serving import abort_with
+from engine.stop import StopStringMatcher
 from engine.tokenizer import Tokenizer
 from router.orchestrator import Orchestrator
 from router.validation import ParsedRequest, parse_generate_request
-from tandem.v1 import generation_pb2, generation_pb2_grpc
+from tandem.v1 import generation_pb2, generation_pb2_grpc, kv_pb2
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ServedModel:
-    """What the router knows of the served model (from config.json and tokenizer.json)."""
+    """What the router knows of the served model (from config.json and tokenizer.json).
+
+    ``block_size`` and ``dtype`` are defaults: ``GetModelInfo`` reports the
+    workers' own layout when a worker is registered.
+    """
 
     name: str
     architecture: str
@@ -52,25 +61,28 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         metrics: ProcessMetrics,
         *,
         max_inflight: int,
+        worker_layout: Callable[[], kv_pb2.LayoutDescriptor | None] = lambda: None,
     ) -> None:
         self._orchestrator = orchestrator
         self._tokenizer = tokenizer
         self._model = model
         self._metrics = metrics
         self._max_inflight = max_inflight
+        self._worker_layout = worker_layout
         self._inflight = 0
 
     async def GetModelInfo(
         self, request: generation_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.ModelInfo:
         m = self._model
+        layout = self._worker_layout()  # what the workers actually run, when one is up
         return generation_pb2.ModelInfo(
             model_name=m.name,
             architecture=m.architecture,
             max_model_len=m.max_model_len,
             vocab_size=m.vocab_size,
-            block_size=m.block_size,
-            dtype=m.dtype,
+            block_size=layout.block_size if layout else m.block_size,
+            dtype=layout.dtype if layout else m.dtype,
         )
 
     async def Generate(
@@ -78,10 +90,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     ) -> generation_pb2.GenerateResponse:
         token_ids: list[int] = []
         text: list[str] = []
+        logprobs: list[generation_pb2.TokenLogprobs] = []
         last = generation_pb2.GenerateStreamResponse()
         async for msg in self._stream(request, context):
             token_ids.extend(msg.token_ids)
             text.append(msg.text)
+            logprobs.extend(msg.logprobs)
             last = msg
         return generation_pb2.GenerateResponse(
             request_id=last.request_id,
@@ -89,6 +103,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             token_ids=token_ids,
             finish_reason=last.finish_reason,
             usage=last.usage,
+            logprobs=logprobs,
         )
 
     async def GenerateStream(
@@ -132,25 +147,38 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self, req: ParsedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         detok = IncrementalDetokenizer(self._tokenizer, req.prompt_token_ids)
+        stopper = StopStringMatcher(req.sampling.stop)
         n_generated = 0
         cached = 0
-        async for chunk in self._orchestrator.generate(req, context.time_remaining()):
-            n_generated += len(chunk.token_ids)
-            self._metrics.generation_tokens.inc(len(chunk.token_ids))
-            text = detok.push(chunk.token_ids)
-            msg = generation_pb2.GenerateStreamResponse(
-                request_id=req.request_id, token_ids=chunk.token_ids, text=text
-            )
-            cached = max(cached, chunk.num_cached_tokens)
-            if chunk.finish_reason is not None:
-                msg.text += detok.finish()
-                msg.finish_reason = finish_reason_to_pb(chunk.finish_reason)
-                msg.usage.CopyFrom(
-                    generation_pb2.Usage(
-                        prompt_tokens=len(req.prompt_token_ids),
-                        completion_tokens=n_generated,
-                        cached_prompt_tokens=cached,
-                    )
+        # aclosing: leaving early (stop string) closes the orchestrator's stream now,
+        # which cancels the decode call.
+        async with contextlib.aclosing(self._orchestrator.generate(req, context.time_remaining())) as chunks:
+            async for chunk in chunks:
+                n_generated += len(chunk.token_ids)
+                self._metrics.generation_tokens.inc(len(chunk.token_ids))
+                msg = generation_pb2.GenerateStreamResponse(
+                    request_id=req.request_id,
+                    token_ids=chunk.token_ids,
+                    text=stopper.push(detok.push(chunk.token_ids)),
+                    logprobs=logprobs_list_to_pb(chunk.logprobs),
                 )
-                self._metrics.prompt_tokens.inc(len(req.prompt_token_ids))
-            yield msg
+                cached = max(cached, chunk.num_cached_tokens)
+                finish = chunk.finish_reason
+                if finish is not None and not stopper.stopped:
+                    msg.text += stopper.push(detok.finish())
+                    msg.text += stopper.flush()
+                if stopper.stopped:
+                    finish = "stop"
+                if finish is not None:
+                    msg.finish_reason = finish_reason_to_pb(finish)
+                    msg.usage.CopyFrom(
+                        generation_pb2.Usage(
+                            prompt_tokens=len(req.prompt_token_ids),
+                            completion_tokens=n_generated,
+                            cached_prompt_tokens=cached,
+                        )
+                    )
+                    self._metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+                yield msg
+                if finish is not None:
+                    return

@@ -44,7 +44,8 @@ def parse_generate_request(
         InvalidRequest: empty prompt; both or neither of ``prompt`` and
             ``prompt_token_ids``; a token id outside ``[0, vocab_size)``;
             prompt plus ``max_tokens`` over ``max_model_len``; bad sampling
-            parameters; an over-long ``request_id``.
+            parameters (a stop token id outside the vocabulary, or ``n`` > 1,
+            which is not supported yet, included); an over-long ``request_id``.
     """
     if len(pb.request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_LEN} characters")
@@ -65,6 +66,7 @@ def parse_generate_request(
     else:
         raise InvalidRequest("prompt", "is empty: set prompt (text) or prompt_token_ids")
     sampling = sampling_params_from_pb(pb.sampling)
+    _check_sampling_for_model(sampling, vocab_size)
     if len(token_ids) + sampling.max_tokens > max_model_len:
         raise InvalidRequest(
             "sampling.max_tokens",
@@ -72,3 +74,19 @@ def parse_generate_request(
             f"max_model_len ({max_model_len}); shorten the prompt or lower max_tokens",
         )
     return ParsedRequest(pb.request_id or uuid.uuid4().hex, token_ids, sampling)
+
+
+def _check_sampling_for_model(sampling: SamplingParams, vocab_size: int) -> None:
+    """What :class:`SamplingParams` cannot check alone: the vocabulary, and what the serving path supports.
+
+    Raises:
+        InvalidRequest: a stop token id outside ``[0, vocab_size)``, or ``n`` > 1.
+    """
+    for i, tid in enumerate(sampling.stop_token_ids):
+        if tid >= vocab_size:
+            raise InvalidRequest(
+                "sampling.stop_token_ids",
+                f"token id {tid} at index {i} is outside the vocabulary [0, {vocab_size})",
+            )
+    if sampling.n > 1:
+        raise InvalidRequest("sampling.n", "n > 1 is not supported yet")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
 from engine.models.registry import register_model
-from engine.models.rope import RotaryEmbedding
+from engine.models.rope import shared_rotary_embedding
 
 
 class RMSNorm(nn.Module):
@@ -87,7 +87,7 @@ class LlamaAttention(nn.Module):
         self.scale = self.head_dim**-0.5
         self.qkv_proj = MergedLinear(config.hidden_size, [self.q_size, self.kv_size, self.kv_size], qkv_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=o_bias)
-        self.rotary_emb = RotaryEmbedding(
+        self.rotary_emb = shared_rotary_embedding(
             self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.attn_backend = attn_backend

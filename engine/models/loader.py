@@ -9,10 +9,16 @@ weights plus one checkpoint tensor.
 Checkpoint names follow Hugging Face; a model maps fused parameters through its
 ``stacked_params`` (checkpoint projection -> (our module, shard index)), e.g.
 ``...self_attn.k_proj.weight`` fills shard 1 of ``...self_attn.qkv_proj.weight``.
+
+Load formats: ``"auto"`` and ``"safetensors"`` read the checkpoint as above;
+``"dummy"`` reads nothing but config.json and fills every parameter with
+seeded random values (:func:`init_dummy_weights`), for benchmarks of shapes
+whose weights are not at hand.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +36,9 @@ from engine.models.registry import CausalLM, get_model_class
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 Target = tuple[str, int | None]  # (our parameter name, shard index or None)
+
+#: Accepted ``load_format`` values.
+LOAD_FORMATS = ("auto", "safetensors", "dummy")
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:
@@ -54,7 +63,13 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(
-    model_config: ModelConfig, dtype: str, device: torch.device | str, attn_backend: AttentionBackend
+    model_config: ModelConfig,
+    dtype: str,
+    device: torch.device | str,
+    attn_backend: AttentionBackend,
+    *,
+    load_format: str = "auto",
+    seed: int = 0,
 ) -> CausalLM:
     """The registered model for ``model_config.architecture`` with its weights, in eval mode.
 
@@ -63,18 +78,55 @@ def load_model(
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``; weights are cast to it.
         device: where the weights live.
         attn_backend: attention implementation handed to the model.
+        load_format: one of :data:`LOAD_FORMATS`; ``"dummy"`` opens no weight file.
+        seed: seed of the ``"dummy"`` weights (ignored otherwise).
 
     Raises:
-        ValueError: unsupported architecture or dtype, missing weight files,
-            missing, unexpected or mis-shaped tensors.
+        ValueError: unsupported architecture, dtype or load format, missing
+            weight files, missing, unexpected or mis-shaped tensors.
     """
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"unsupported load_format {load_format!r}; supported: {', '.join(LOAD_FORMATS)}")
     model_cls = get_model_class(model_config.architecture)
     with torch.device("meta"):
         model = model_cls(model_config, attn_backend)
     model = model.to(dtype=torch_dtype(dtype)).to_empty(device=device)
     model.tie_weights()  # type: ignore[operator]  # to_empty unties shared parameters
-    load_weights(model, model_config)
+    if load_format == "dummy":
+        init_dummy_weights(model, seed)
+    else:
+        load_weights(model, model_config)
     return cast(CausalLM, model.eval())
+
+
+def init_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Fill every parameter of ``model`` with deterministic random values, in place.
+
+    Matrices (embeddings, projections, LM head) are drawn from
+    ``N(0, 1 / fan_in)`` with ``fan_in = shape[-1]`` (LeCun-normal scaling:
+    LeCun et al., 1998, "Efficient BackProp"), which keeps activations and
+    logits near unit scale at any width so sampling does not degenerate;
+    1-D weights (RMSNorm scales) are 1 and biases 0. Each tensor is drawn on
+    its own device by a generator seeded from ``sha256(f"{seed}:{name}")``, so
+    the values depend on the seed, the parameter name, the device type and
+    the dtype only: every worker with the same seed holds the same weights,
+    whatever order or process loads them. Shared (tied) parameters are filled once.
+    """
+    for name, param in model.named_parameters():
+        data = param.data
+        if name.endswith(".bias"):
+            data.zero_()
+        elif data.dim() == 1:
+            data.fill_(1.0)
+        else:
+            generator = torch.Generator(device=data.device)
+            generator.manual_seed(_dummy_seed(seed, name))
+            data.normal_(0.0, data.shape[-1] ** -0.5, generator=generator)
+
+
+def _dummy_seed(seed: int, name: str) -> int:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def load_weights(model: nn.Module, model_config: ModelConfig) -> None:

@@ -20,7 +20,12 @@ if TYPE_CHECKING:
 _ModelT = TypeVar("_ModelT", bound=type[nn.Module])
 
 #: Modules whose import registers the built-in architectures.
-_BUILTIN_MODULES = ("engine.models.llama",)
+_BUILTIN_MODULES = (
+    "engine.models.llama",
+    "engine.models.mistral",
+    "engine.models.qwen2",
+    "engine.models.qwen3",
+)
 
 _REGISTRY: dict[str, type[nn.Module]] = {}
 

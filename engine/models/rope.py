@@ -16,6 +16,7 @@ kept, and those in between are interpolated smoothly.
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -121,3 +122,21 @@ class RotaryEmbedding(nn.Module):
         q_out = q32 * cos + rotate_half(q32) * sin
         k_out = k32 * cos + rotate_half(k32) * sin
         return q_out.to(q.dtype), k_out.to(k.dtype)
+
+
+_SHARED: dict[tuple[int, int, float, str], RotaryEmbedding] = {}
+
+
+def shared_rotary_embedding(
+    head_dim: int, max_position: int, rope_theta: float, rope_scaling: dict[str, Any] | None
+) -> RotaryEmbedding:
+    """One :class:`RotaryEmbedding` per distinct configuration, shared by every layer.
+
+    The cos/sin table is ``2 * max_position * head_dim * 4`` bytes (134 MB for
+    Llama-3's 131,072 positions at head_dim 128); sharing keeps one per model
+    instead of one per layer.
+    """
+    key = (head_dim, max_position, float(rope_theta), json.dumps(rope_scaling, sort_keys=True))
+    if key not in _SHARED:
+        _SHARED[key] = RotaryEmbedding(head_dim, max_position, rope_theta, rope_scaling)
+    return _SHARED[key]

@@ -30,6 +30,7 @@ def test_every_worker_option(tmp_path: Path) -> None:
         *("--redis-url", "redis://127.0.0.1:6390/1", "--redis-prefix", "t1", "--worker-id", "d-a"),
         *("--transfer-port", "7003", "--kv-transport", "tcp", "--lease-ms", "500"),
         *("--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--max-queue-len", "10", "--seed", "3"),
+        *("--load-format", "dummy"),
     )
     assert worker_config_from_args(args, "decode") == WorkerConfig(
         role="decode",
@@ -53,6 +54,7 @@ def test_every_worker_option(tmp_path: Path) -> None:
         max_num_batched_tokens=1024,
         max_queue_len=10,
         seed=3,
+        load_format="dummy",
     )
 
 
@@ -92,6 +94,7 @@ def test_worker_flags_parse_back_to_the_config(tmp_path: Path, role: str) -> Non
         worker_id=f"{role}-3",
         transfer_port=4 if role == "decode" else 0,
         max_queue_len=5,
+        load_format="dummy",
     )
     assert worker_config_from_args(_parse(role, *worker_flags(config)), role) == config  # type: ignore[arg-type]
 

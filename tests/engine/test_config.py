@@ -108,6 +108,33 @@ def test_resolve_max_model_len(tmp_path: Path) -> None:
         resolve_max_model_len(config, 4097)
 
 
+@pytest.mark.parametrize(
+    ("fields", "window", "limit"),
+    [
+        ({"sliding_window": 1024}, 1024, 1024),  # Mistral v0.1: always on
+        ({"sliding_window": 8192}, 8192, 4096),  # wider than max_position_embeddings
+        ({"sliding_window": None}, None, 4096),
+        ({"sliding_window": 1024, "use_sliding_window": False}, None, 4096),  # Qwen2/Qwen3 default
+        (
+            {"sliding_window": 1024, "use_sliding_window": True, "layer_types": ["full_attention"] * 3},
+            None,
+            4096,
+        ),
+        ({"sliding_window": 1024, "layer_types": ["full_attention", "sliding_attention"]}, 1024, 1024),
+    ],
+)
+def test_sliding_window_caps_max_model_len(
+    tmp_path: Path, fields: dict, window: int | None, limit: int
+) -> None:
+    write_config(tmp_path / "m", {**V4_CONFIG, **fields})
+    config = ModelConfig.from_pretrained(tmp_path / "m")
+    assert config.sliding_window == window
+    assert resolve_max_model_len(config, None) == limit
+    if limit < 4096:
+        with pytest.raises(ValueError, match=r"sliding_window of m; .* does not implement"):
+            resolve_max_model_len(config, limit + 1)
+
+
 def test_resolve_dtype(tmp_path: Path) -> None:
     write_config(tmp_path / "bf16", V4_CONFIG)
     write_config(tmp_path / "none", {k: v for k, v in V4_CONFIG.items() if k != "torch_dtype"})

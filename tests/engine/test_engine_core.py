@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.batch import SequenceInput
+from engine.batch import SequenceInput, TokenLogprobs
 from engine.block_pool import BlockPool
 from engine.engine_core import EngineCore, EngineOutput
 from engine.kv_cache_manager import KVCacheManager
@@ -180,7 +180,7 @@ def test_model_runner_matches_transformers_generate(tiny_model, num_kv_blocks, m
     seen: list[SequenceInput] = []
 
     class Recording:
-        def execute(self, seqs: list[SequenceInput]) -> list[int | None]:
+        def execute(self, seqs: list[SequenceInput]) -> list[int | TokenLogprobs | None]:
             seen.extend(seqs)
             return runner.execute(seqs)
 

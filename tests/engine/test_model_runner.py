@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from engine.batch import SequenceInput
+from engine.batch import SequenceInput, sampled_token_id
 from engine.config import ModelConfig
 from engine.model_runner import ModelRunner
 from engine.sampling_params import SamplingParams
@@ -134,7 +134,7 @@ def test_batched_prefill_then_decode_matches_hf_generate(
     )
     for out, token in zip(outputs, first, strict=True):
         assert token is not None
-        out.append(token)
+        out.append(sampled_token_id(token))
     for step in range(1, num_new):
         seqs = [
             SequenceInput(f"r{i}", [outputs[i][-1]], len(p) + step - 1, tables[i], True, GREEDY, step)
@@ -142,7 +142,7 @@ def test_batched_prefill_then_decode_matches_hf_generate(
         ]
         for out, token in zip(outputs, runner.execute(seqs), strict=True):
             assert token is not None
-            out.append(token)
+            out.append(sampled_token_id(token))
 
     model = hf_model(path)
     eos_ids = runner.model_config.eos_token_ids

@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from engine.batch import SequenceInput
 from engine.sampler import Sampler, mix_seed, splitmix64
 from engine.sampling_params import SamplingParams
 
 GREEDY = SamplingParams()
+
+
+def draw(
+    sampler: Sampler, logits: torch.Tensor, params: list[SamplingParams], indices: list[int]
+) -> list[int]:
+    """Sample one token per row (rows with no history and no logprobs: plain ids)."""
+    seqs = [
+        SequenceInput(f"r{i}", [0], 0, [0], True, p, idx)
+        for i, (p, idx) in enumerate(zip(params, indices, strict=True))
+    ]
+    tokens = sampler.sample(logits, seqs)
+    assert all(isinstance(t, int) for t in tokens)
+    return tokens  # type: ignore[return-value]
 
 
 def random_logits(rows: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
@@ -16,7 +30,7 @@ def random_logits(rows: int, vocab: int = 50, seed: int = 0) -> torch.Tensor:
 
 def test_greedy_is_argmax_with_ties_to_lowest_id() -> None:
     logits = torch.tensor([[0.0, 5.0, 1.0, 5.0], [2.0, -1.0, 2.0, 0.0], [-3.0, -2.0, -1.0, -1.5]])
-    assert Sampler().sample(logits, [GREEDY] * 3, [0, 0, 0]) == [1, 0, 2]
+    assert draw(Sampler(), logits, [GREEDY] * 3, [0, 0, 0]) == [1, 0, 2]
 
 
 def test_top_k_one_equals_greedy() -> None:
@@ -25,50 +39,50 @@ def test_top_k_one_equals_greedy() -> None:
     params = [SamplingParams(temperature=1.5, top_k=1, seed=s) for s in range(6)]
     expected = logits.argmax(dim=-1).tolist()
     assert expected[0] == 7
-    assert Sampler(seed=1).sample(logits, params, [3] * 6) == expected
+    assert draw(Sampler(seed=1), logits, params, [3] * 6) == expected
 
 
 def test_tiny_top_p_keeps_only_the_most_likely_token() -> None:
     logits = random_logits(4, seed=1)
     params = [SamplingParams(temperature=1.0, top_p=1e-6)] * 4
-    assert Sampler().sample(logits, params, [0] * 4) == logits.argmax(dim=-1).tolist()
+    assert draw(Sampler(), logits, params, [0] * 4) == logits.argmax(dim=-1).tolist()
 
 
 def test_top_p_keeps_smallest_set_reaching_the_mass() -> None:
     # probabilities 0.5, 0.3, 0.15, 0.05 (ids 2, 0, 3, 1); top_p 0.8 keeps ids 2 and 0 only
     logits = torch.tensor([[0.3, 0.05, 0.5, 0.15]]).log().expand(400, 4).contiguous()
     params = [SamplingParams(temperature=1.0, top_p=0.8)] * 400
-    tokens = Sampler(seed=5).sample(logits, params, [0] * 400)
+    tokens = draw(Sampler(seed=5), logits, params, [0] * 400)
     assert set(tokens) == {0, 2}
     assert 200 < tokens.count(2) < 300  # 0.5 / 0.8 = 62.5 % expected
 
 
 def test_top_k_restricts_to_the_k_most_likely() -> None:
     logits = torch.tensor([[1.0, 4.0, 3.0, 2.0, 0.0]]).expand(200, 5).contiguous()
-    tokens = Sampler(seed=2).sample(logits, [SamplingParams(temperature=5.0, top_k=2)] * 200, [0] * 200)
+    tokens = draw(Sampler(seed=2), logits, [SamplingParams(temperature=5.0, top_k=2)] * 200, [0] * 200)
     assert set(tokens) == {1, 2}
 
 
 def test_seeded_token_does_not_depend_on_batch_neighbours() -> None:
     logits = random_logits(8, seed=3)
     target = SamplingParams(temperature=1.0, seed=1234)
-    alone = Sampler(seed=0).sample(logits[5:6], [target], [17])
+    alone = draw(Sampler(seed=0), logits[5:6], [target], [17])
     others = [SamplingParams(temperature=0.7, seed=s) for s in range(4)] + [
         GREEDY,
         SamplingParams(temperature=2.0),
     ]
     batch = [*others[:5], target, others[5], GREEDY]
-    in_batch = Sampler(seed=99).sample(logits, batch, [0, 1, 2, 3, 4, 17, 5, 6])
+    in_batch = draw(Sampler(seed=99), logits, batch, [0, 1, 2, 3, 4, 17, 5, 6])
     assert in_batch[5] == alone[0]
-    again = [Sampler(seed=s).sample(logits[5:6], [target], [17])[0] for s in range(5)]
+    again = [draw(Sampler(seed=s), logits[5:6], [target], [17])[0] for s in range(5)]
     assert again == [alone[0]] * 5
 
 
 def test_seeded_tokens_vary_with_index_and_are_reproducible() -> None:
     logits = torch.zeros(1, 1000)  # uniform: every draw is a fresh uniform id
     params = [SamplingParams(temperature=1.0, seed=7)]
-    first = [Sampler().sample(logits, params, [i])[0] for i in range(10)]
-    second = [Sampler(seed=3).sample(logits, params, [i])[0] for i in range(10)]
+    first = [draw(Sampler(), logits, params, [i])[0] for i in range(10)]
+    second = [draw(Sampler(seed=3), logits, params, [i])[0] for i in range(10)]
     assert first == second
     assert len(set(first)) == 10
 
@@ -76,9 +90,9 @@ def test_seeded_tokens_vary_with_index_and_are_reproducible() -> None:
 def test_unseeded_draws_follow_the_worker_seed() -> None:
     logits = torch.zeros(16, 1000)
     params = [SamplingParams(temperature=1.0)] * 16
-    a = Sampler(seed=11).sample(logits, params, [0] * 16)
-    b = Sampler(seed=11).sample(logits, params, [0] * 16)
-    c = Sampler(seed=12).sample(logits, params, [0] * 16)
+    a = draw(Sampler(seed=11), logits, params, [0] * 16)
+    b = draw(Sampler(seed=11), logits, params, [0] * 16)
+    c = draw(Sampler(seed=12), logits, params, [0] * 16)
     assert a == b
     assert a != c
 

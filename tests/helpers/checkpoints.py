@@ -1,6 +1,7 @@
 """Tiny random-weight checkpoints for tests.
 
-:func:`make_tiny_llama` writes a complete Hugging Face checkpoint directory
+:func:`make_tiny_checkpoint` (Llama, Mistral, Qwen2, Qwen3; :func:`make_tiny_llama`
+for Llama) writes a complete Hugging Face checkpoint directory
 (``config.json``, ``generation_config.json``, safetensors weights, and a real
 byte-level BPE ``tokenizer.json``) small enough to build in well under a second
 once ``transformers`` is imported. Everything is deterministic: the weights come
@@ -73,8 +74,23 @@ def _train_tokenizer(vocab_size: int) -> Any:
     return tokenizer
 
 
-def make_tiny_llama(
+#: Architectures :func:`make_tiny_checkpoint` builds, with their transformers ``model_type``.
+MODEL_TYPES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+def make_tiny_llama(out_dir: Path, **kwargs: Any) -> Path:
+    """A tiny ``LlamaForCausalLM`` checkpoint (see :func:`make_tiny_checkpoint`)."""
+    return make_tiny_checkpoint(out_dir, "LlamaForCausalLM", **kwargs)
+
+
+def make_tiny_checkpoint(
     out_dir: Path,
+    arch: str = "LlamaForCausalLM",
     *,
     seed: int = 0,
     vocab_size: int = 512,
@@ -90,30 +106,37 @@ def make_tiny_llama(
     max_position_embeddings: int = 256,
     max_shard_size: str | int | None = None,
     initializer_range: float = 0.2,
+    randomize_norms_and_biases: bool = False,
     **overrides: Any,
 ) -> Path:
-    """Write a random-weight ``LlamaForCausalLM`` checkpoint with a real tokenizer.
+    """Write a random-weight checkpoint of ``arch`` (a :data:`MODEL_TYPES` key) with a real tokenizer.
 
     Args:
         out_dir: directory to create (parents too) and fill.
+        arch: transformers architecture class name.
         seed: ``torch.manual_seed`` of the weight initialisation.
         vocab_size: tokens in both the model and the tokenizer (>= 258).
         hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
         num_key_value_heads, head_dim, tie_word_embeddings, rope_theta,
-        max_position_embeddings: the ``LlamaConfig`` fields of the same name.
+        max_position_embeddings: the config fields of the same name
+            (``head_dim`` ``None`` keeps the architecture's default).
         rope_scaling: e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``.
         initializer_range: std of the random weights; larger than Llama's 0.02
             so greedy outputs vary and top logits sit far from ties.
+        randomize_norms_and_biases: replace the initial RMSNorm scales (1) by
+            ``1 + N(0, 0.2)`` and biases (0) by ``N(0, initializer_range)``, so
+            a misplaced norm or bias changes the outputs.
         max_shard_size: shard the safetensors weights (e.g. ``"20KB"``) and
             write ``model.safetensors.index.json``; ``None`` writes one file.
-        **overrides: further ``LlamaConfig`` fields.
+        **overrides: further config fields.
 
     Returns:
         ``out_dir``. Weights are float32, ``<s>`` (id 0) is bos and ``</s>``
         (id 1) is eos in the config, the generation config and the tokenizer.
     """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    import transformers
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -127,7 +150,6 @@ def make_tiny_llama(
         num_hidden_layers=num_hidden_layers,
         num_attention_heads=num_attention_heads,
         num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
         tie_word_embeddings=tie_word_embeddings,
         rope_scaling=rope_scaling,
         rope_theta=rope_theta,
@@ -137,9 +159,13 @@ def make_tiny_llama(
         eos_token_id=eos_id,
         **overrides,
     )
-    config = LlamaConfig(**config_kwargs)
+    if head_dim is not None:
+        config_kwargs["head_dim"] = head_dim
+    config = transformers.AutoConfig.for_model(MODEL_TYPES[arch], **config_kwargs)
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).float().eval()
+    model = getattr(transformers, arch)(config).float().eval()
+    if randomize_norms_and_biases:
+        _randomize_norms_and_biases(model, initializer_range)
     model.generation_config = GenerationConfig(bos_token_id=bos_id, eos_token_id=eos_id)
     save_kwargs: dict[str, Any] = {"safe_serialization": True}
     if max_shard_size is not None:
@@ -150,6 +176,17 @@ def make_tiny_llama(
     fast.save_pretrained(out_dir)
     _portable_tokenizer_class(out_dir / "tokenizer_config.json")
     return out_dir
+
+
+def _randomize_norms_and_biases(model: Any, bias_std: float) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, bias_std)
+            elif param.dim() == 1:
+                param.copy_(1.0 + 0.2 * torch.randn_like(param))
 
 
 def _portable_tokenizer_class(path: Path) -> None:
