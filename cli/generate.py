@@ -15,6 +15,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from cli.options import non_negative_int, positive_float, positive_int
+from cli.security_options import add_client_options, client_security_from_args
 
 if TYPE_CHECKING:
     from tandem.v1 import generation_pb2, generation_pb2_grpc
@@ -87,6 +88,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="print request_id, text, token_ids, finish_reason and usage as JSON",
     )
+    add_client_options(parser)
 
 
 def build_request(args: argparse.Namespace) -> generation_pb2.GenerateRequest:
@@ -110,17 +112,19 @@ def run(args: argparse.Namespace) -> int:
     """Sends one request; returns 0, or 1 on a gRPC error."""
     import grpc
 
+    from engine.security import bearer_metadata, open_channel
     from tandem.v1 import generation_pb2_grpc
 
     request = build_request(args)
     pieces: list[str] = []  # streamed text, filled as it arrives
-    with grpc.insecure_channel(args.target) as channel:
+    metadata = bearer_metadata(args.auth_token)
+    with open_channel(args.target, client_security_from_args(args)) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             if args.stream:
-                result = _stream(stub, request, args.timeout, pieces, echo=not args.json)
+                result = _stream(stub, request, args.timeout, pieces, metadata, echo=not args.json)
             else:
-                response = stub.Generate(request, timeout=args.timeout)
+                response = stub.Generate(request, timeout=args.timeout, metadata=metadata)
                 result = _result(response.request_id, response.text, response.token_ids, response)
         except grpc.RpcError as error:
             if pieces and not args.json:
@@ -143,6 +147,7 @@ def _stream(
     request: generation_pb2.GenerateRequest,
     timeout: float | None,
     pieces: list[str],
+    metadata: tuple[tuple[str, str], ...],
     *,
     echo: bool,
 ) -> dict[str, Any]:
@@ -150,7 +155,7 @@ def _stream(
 
     token_ids: list[int] = []
     last = generation_pb2.GenerateStreamResponse()
-    for message in stub.GenerateStream(request, timeout=timeout):
+    for message in stub.GenerateStream(request, timeout=timeout, metadata=metadata):
         pieces.append(message.text)
         token_ids.extend(message.token_ids)
         last = message

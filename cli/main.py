@@ -15,7 +15,6 @@ generate``, ``tandem bench`` and ``tandem router`` stay fast and torch-free.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -24,14 +23,14 @@ from cli.bench import command as bench
 from cli.options import (
     add_model_options,
     add_network_options,
+    add_observability_options,
     add_router_options,
     add_worker_options,
     router_config_from_args,
+    setup_observability,
     worker_config_from_args,
 )
 from engine.worker_config import Role, WorkerConfig
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 SERVE_EPILOG = """\
 examples:
@@ -79,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_options(router_parser, engine=False)
     add_network_options(router_parser, default_port=50051, redis_url_default=WorkerConfig.redis_url)
     add_router_options(router_parser)
+    add_observability_options(router_parser)
     router_parser.set_defaults(handler=_run_router)
 
     roles: list[tuple[Role, str]] = [
@@ -94,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_model_options(worker_parser)
         add_network_options(worker_parser, default_port=0, redis_url_default=WorkerConfig.redis_url)
         add_worker_options(worker_parser, role=role)
+        add_observability_options(worker_parser)
         worker_parser.set_defaults(handler=_run_prefill if role == "prefill" else _run_decode)
 
     generate_parser = commands.add_parser(
@@ -133,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run_router(args: argparse.Namespace) -> int:
     config = router_config_from_args(args)
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_observability(args, "router", "router")
     from router.server import run
 
     return run(config)
@@ -141,7 +142,7 @@ def _run_router(args: argparse.Namespace) -> int:
 
 def _run_prefill(args: argparse.Namespace) -> int:
     config = worker_config_from_args(args, "prefill")
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_observability(args, "prefill", config.resolved_worker_id)
     from prefill_service.server import run
 
     return run(config)
@@ -149,7 +150,7 @@ def _run_prefill(args: argparse.Namespace) -> int:
 
 def _run_decode(args: argparse.Namespace) -> int:
     config = worker_config_from_args(args, "decode")
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    setup_observability(args, "decode", config.resolved_worker_id)
     from decode_service.server import run
 
     return run(config)

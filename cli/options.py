@@ -15,12 +15,19 @@ import argparse
 import re
 from pathlib import Path
 
+from cli.security_options import (
+    add_process_options,
+    add_public_api_options,
+    drain_flags,
+    security_config_from_args,
+    security_flags,
+)
 from engine.worker_config import BUNDLED_MODEL_DIR, Role, WorkerConfig
 from router.config import RouterConfig
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-ROUTING_POLICIES = ("least-loaded", "round-robin")
+ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")
 KV_TRANSPORTS = ("tcp", "cuda_ipc", "nccl")
 LOAD_FORMATS = (
     "auto",
@@ -205,6 +212,7 @@ def add_network_options(
         metavar="PREFIX",
         help="prefix of every Redis key Tandem writes (default: %(default)s)",
     )
+    add_process_options(parser)
 
 
 def add_worker_options(parser: argparse.ArgumentParser, *, role: Role | None) -> None:
@@ -225,6 +233,13 @@ def add_worker_options(parser: argparse.ArgumentParser, *, role: Role | None) ->
             default=0,
             metavar="PORT",
             help="port of the decode worker's KV receiver; 0 picks a free one (default: %(default)s)",
+        )
+    if role in ("decode", None):
+        group.add_argument(
+            "--colocated",
+            action="store_true",
+            help="colocated baseline: decode workers also compute prompts (no prefill pool, no KV "
+            "transfer); under `serve`, --prefill-workers is ignored",
         )
     group.add_argument(
         "--kv-transport",
@@ -261,6 +276,19 @@ def add_worker_options(parser: argparse.ArgumentParser, *, role: Role | None) ->
         help="most waiting requests; more are refused with RESOURCE_EXHAUSTED (default: %(default)s)",
     )
     group.add_argument(
+        "--enable-prefix-caching",
+        action="store_true",
+        default=WorkerConfig.enable_prefix_caching,
+        help="reuse the KV of cached prompt prefixes and publish KV events to Redis; prefill and "
+        "colocated workers only (default: on)",
+    )
+    group.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="compute every prompt in full; no KV events",
+    )
+    group.add_argument(
         "--seed",
         type=non_negative_int,
         default=WorkerConfig.seed,
@@ -275,12 +303,15 @@ def add_router_options(parser: argparse.ArgumentParser, *, standalone: bool = Tr
     ``--router-max-queue-len`` because ``--max-queue-len`` is the workers' option, and
     ``--lease-ms`` comes from :func:`add_worker_options`.
     """
+    add_public_api_options(parser)
     group = parser.add_argument_group("router")
     group.add_argument(
         "--routing",
         choices=ROUTING_POLICIES,
         default=RouterConfig.routing,
-        help="how the router picks workers (default: %(default)s)",
+        help="how the router picks workers: prefix weighs each prefill worker's cached prefix of the "
+        "prompt (from Redis) against its load, least-loaded and round-robin ignore caches "
+        "(default: %(default)s)",
     )
     group.add_argument(
         "--max-queue-len" if standalone else "--router-max-queue-len",
@@ -334,6 +365,10 @@ def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfi
         max_queue_len=args.max_queue_len,
         seed=args.seed,
         load_format=args.load_format,
+        colocated=getattr(args, "colocated", False),
+        enable_prefix_caching=args.enable_prefix_caching,
+        security=security_config_from_args(args, public=False),
+        drain_timeout_s=args.drain_timeout_s,
     )
 
 
@@ -350,6 +385,9 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         routing=args.routing,
         max_queue_len=args.router_max_queue_len,
         lease_ms=args.lease_ms,
+        max_prompt_tokens=args.max_prompt_tokens,
+        security=security_config_from_args(args, public=True),
+        drain_timeout_s=args.drain_timeout_s,
     )
 
 
@@ -385,6 +423,11 @@ def worker_flags(config: WorkerConfig) -> list[str]:
         flags += ["--worker-id", config.worker_id]
     if config.role == "decode":
         flags += ["--transfer-port", str(config.transfer_port)]
+    if config.colocated:
+        flags += ["--colocated"]
+    if not config.enable_prefix_caching:
+        flags += ["--no-enable-prefix-caching"]
+    flags += [*security_flags(config.security), *drain_flags(config.drain_timeout_s)]
     return flags
 
 
@@ -403,4 +446,87 @@ def router_flags(config: RouterConfig) -> list[str]:
     ]
     if config.max_model_len is not None:
         flags += ["--max-model-len", str(config.max_model_len)]
+    if config.max_prompt_tokens is not None:
+        flags += ["--max-prompt-tokens", str(config.max_prompt_tokens)]
+    flags += [*security_flags(config.security), *drain_flags(config.drain_timeout_s)]
     return flags
+
+
+def add_observability_options(parser: argparse.ArgumentParser) -> None:
+    """Adds the tracing and logging options; unset tracing options fall back to the ``OTEL_*``
+    environment variables (see :class:`engine.tracing.TracingConfig`)."""
+    from engine.logging_setup import LOG_FORMATS
+    from engine.tracing import EXPORTERS, PROTOCOLS, SAMPLERS
+
+    group = parser.add_argument_group("observability")
+    group.add_argument(
+        "--otel-exporter-otlp-endpoint",
+        metavar="URL",
+        help="OTLP collector, e.g. http://127.0.0.1:4317; turns tracing on "
+        "(default: $OTEL_EXPORTER_OTLP_ENDPOINT, else tracing off)",
+    )
+    group.add_argument(
+        "--otel-exporter-otlp-protocol",
+        choices=PROTOCOLS,
+        help="OTLP transport (default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc)",
+    )
+    group.add_argument(
+        "--otel-traces-exporter",
+        choices=EXPORTERS,
+        help="where spans go (default: $OTEL_TRACES_EXPORTER, else otlp with an endpoint, none without)",
+    )
+    group.add_argument(
+        "--otel-service-name",
+        metavar="NAME",
+        help="service.name of every span (default: $OTEL_SERVICE_NAME, else tandem-<role>)",
+    )
+    group.add_argument(
+        "--otel-traces-sampler",
+        choices=SAMPLERS,
+        help="sampler; the ratio comes from $OTEL_TRACES_SAMPLER_ARG "
+        "(default: $OTEL_TRACES_SAMPLER, else parentbased_always_on)",
+    )
+    group.add_argument(
+        "--log-format", choices=LOG_FORMATS, default="text", help="log line format (default: %(default)s)"
+    )
+    group.add_argument(
+        "--log-prompts",
+        action="store_true",
+        help="write prompts in the per-request log lines (default: never)",
+    )
+
+
+def observability_flags(args: argparse.Namespace) -> list[str]:
+    """The options of :func:`add_observability_options` that ``args`` sets (none at their
+    defaults), as flags for a child process."""
+    flags = [] if args.log_format == "text" else ["--log-format", args.log_format]
+    for option in (
+        "otel_exporter_otlp_endpoint",
+        "otel_exporter_otlp_protocol",
+        "otel_traces_exporter",
+        "otel_service_name",
+        "otel_traces_sampler",
+    ):
+        value = getattr(args, option)
+        if value is not None:
+            flags += ["--" + option.replace("_", "-"), value]
+    if args.log_prompts:
+        flags.append("--log-prompts")
+    return flags
+
+
+def setup_observability(args: argparse.Namespace, role: str, instance_id: str) -> None:
+    """Configure this process's logging and tracing from the options of
+    :func:`add_observability_options` (call before any server or channel exists)."""
+    from engine.logging_setup import setup_logging
+    from engine.tracing import TracingConfig, setup_tracing
+
+    setup_logging(role, log_format=args.log_format, log_prompts=args.log_prompts)
+    config = TracingConfig.resolve(
+        exporter=args.otel_traces_exporter,
+        endpoint=args.otel_exporter_otlp_endpoint,
+        protocol=args.otel_exporter_otlp_protocol,
+        service_name=args.otel_service_name,
+        sampler=args.otel_traces_sampler,
+    )
+    setup_tracing(config, role=role, instance_id=instance_id)

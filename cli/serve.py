@@ -24,6 +24,7 @@ import dataclasses
 import json
 import os
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -35,8 +36,10 @@ from typing import TYPE_CHECKING, Any
 from cli.options import (
     add_model_options,
     add_network_options,
+    add_observability_options,
     add_router_options,
     add_worker_options,
+    observability_flags,
     positive_float,
     positive_int,
     router_config_from_args,
@@ -44,6 +47,8 @@ from cli.options import (
     worker_config_from_args,
     worker_flags,
 )
+from cli.security_options import cluster_security
+from engine.security_config import redact_url
 from engine.worker_config import Role
 
 if TYPE_CHECKING:
@@ -56,6 +61,7 @@ if TYPE_CHECKING:
 CommandBuilder = Callable[[str, list[str]], list[str]]
 
 DEFAULT_ROUTER_PORT = 50051
+#: Seconds each process gets after SIGTERM beyond ``--drain-timeout-s``, before SIGKILL.
 GRACE_S = 10.0
 
 
@@ -70,6 +76,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_network_options(parser, default_port=DEFAULT_ROUTER_PORT, redis_url_default=None)
     add_worker_options(parser, role=None)
     add_router_options(parser, standalone=False)
+    add_observability_options(parser)
     group = parser.add_argument_group("cluster")
     group.add_argument(
         "--prefill-workers", type=positive_int, default=1, metavar="N", help="prefill workers (default: 1)"
@@ -96,6 +103,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="DIR",
         help="directory of the log files (default: $TMPDIR/tandem-<pid>)",
     )
+
+
+def count_cuda_devices() -> int:
+    """Visible CUDA GPUs, asked of torch in a child process (the CLI itself stays torch-free)."""
+    probe = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    try:
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+        return int(done.stdout.strip() or 0)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return 0
+
+
+def worker_devices(device: str, count_gpus: Callable[[], int] = count_cuda_devices) -> list[str]:
+    """Devices handed to workers in turn: with ``cuda`` (or ``auto`` on a GPU host) and
+    several GPUs, round robin over ``cuda:0..N-1``, so that a prefill and a decode worker
+    land on different GPUs; otherwise every worker gets ``device`` as given."""
+    if device not in ("cuda", "auto"):
+        return [device]
+    n = count_gpus()
+    return [f"cuda:{i}" for i in range(n)] if n > 1 else [device]
 
 
 def plan_cluster(
@@ -125,23 +152,28 @@ def plan_cluster(
         raise RuntimeError("could not find enough distinct free ports")
 
     base = dataclasses.replace(worker_config_from_args(args, "prefill"), redis_url=redis_url)
-    specs = []
+    devices = worker_devices(base.device)
+    specs: list[ComponentSpec] = []
     roles: list[tuple[Role, int]] = [("prefill", args.prefill_workers), ("decode", args.decode_workers)]
+    if base.colocated:  # one pool of workers that prefill and decode
+        roles = [("decode", args.decode_workers)]
     for role, count in roles:
+        kind = "colocated" if base.colocated else role
         for index in range(count):
             config = dataclasses.replace(
                 base,
                 role=role,
-                worker_id=f"{role}-{index}",
+                device=devices[len(specs) % len(devices)],
+                worker_id=f"{kind}-{index}",
                 port=port(),
                 metrics_port=port(),
                 transfer_port=port() if role == "decode" else 0,
             )
             specs.append(
                 ComponentSpec(
-                    kind=role,
+                    kind=kind,
                     id=config.worker_id or "",
-                    argv=tuple(command_builder(role, worker_flags(config))),
+                    argv=tuple(command_builder(role, [*worker_flags(config), *observability_flags(args)])),
                     host=config.host,
                     port=config.port,
                     metrics_port=config.metrics_port,
@@ -156,7 +188,7 @@ def plan_cluster(
         ComponentSpec(
             kind="router",
             id="router",
-            argv=tuple(command_builder("router", router_flags(router))),
+            argv=tuple(command_builder("router", [*router_flags(router), *observability_flags(args)])),
             host=router.host,
             port=router.port,
             metrics_port=router.metrics_port,
@@ -175,7 +207,12 @@ def run(args: argparse.Namespace, *, command_builder: CommandBuilder = default_c
     run_dir = args.run_dir or Path(tempfile.gettempdir()) / f"tandem-{os.getpid()}"
     run_dir.mkdir(parents=True, exist_ok=True)
     print(f"tandem serve: logs in {run_dir}/", flush=True)
-    supervisor = Supervisor(run_dir, grace_s=GRACE_S)
+    # Secrets (the internal token, generated per run, and bearer tokens) reach the
+    # children in their environment, never on a command line.
+    security = cluster_security(args)
+    supervisor = Supervisor(
+        run_dir, grace_s=args.drain_timeout_s + GRACE_S, env=security.secret_env(), security=security
+    )
     redis: RedisProcess | None = None
     wrote_cluster_file = False
     with _stop_on_signals() as stop:
@@ -193,7 +230,8 @@ def run(args: argparse.Namespace, *, command_builder: CommandBuilder = default_c
                 write_json_atomic(args.cluster_file, summary)
                 wrote_cluster_file = True
             print(
-                f"tandem serve: router on {summary['router']['grpc_address']}, redis at {redis_url}; "
+                f"tandem serve: router on {summary['router']['grpc_address']}, "
+                f"redis at {redact_url(redis_url)}; "
                 "Ctrl-C stops",
                 flush=True,
             )
@@ -224,7 +262,9 @@ def cluster_summary(supervisor: Supervisor, redis: RedisProcess | None, redis_ur
                 "log": str(redis.log),
             }
         )
-    ordered = sorted(supervisor.children, key=lambda c: ("router", "prefill", "decode").index(c.spec.kind))
+    ordered = sorted(
+        supervisor.children, key=lambda c: ("router", "prefill", "decode", "colocated").index(c.spec.kind)
+    )
     for child in ordered:
         processes.append(
             {
@@ -238,7 +278,7 @@ def cluster_summary(supervisor: Supervisor, redis: RedisProcess | None, redis_ur
             }
         )
     router = next(p for p in processes if p["kind"] == "router")
-    return {"router": router, "processes": processes, "redis_url": redis_url}
+    return {"router": router, "processes": processes, "redis_url": redact_url(redis_url)}
 
 
 def write_json_atomic(path: Path, content: dict[str, Any]) -> None:

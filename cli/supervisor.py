@@ -24,12 +24,15 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from engine.security import open_channel
+from engine.security_config import SecurityConfig
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 LOG_TAIL_LINES = 30
@@ -108,12 +111,23 @@ class Supervisor:
     Args:
         run_dir: directory of the log files (must exist).
         grace_s: seconds each group of children gets between SIGTERM and SIGKILL.
+        env: variables added to every child's environment (the secrets).
+        security: TLS of the health checks.
     """
 
-    def __init__(self, run_dir: Path, *, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        grace_s: float = 10.0,
+        env: Mapping[str, str] | None = None,
+        security: SecurityConfig | None = None,
+    ) -> None:
         self.run_dir = run_dir
         self.grace_s = grace_s
         self.children: list[Child] = []
+        self._env = {**os.environ, **env} if env else None
+        self._security = security or SecurityConfig()
 
     def spawn(self, spec: ComponentSpec) -> Child:
         """Starts ``spec.argv`` in a new session with output appended to ``<run_dir>/<id>.log``."""
@@ -125,6 +139,7 @@ class Supervisor:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                env=self._env,
             )
         child = Child(spec=spec, popen=popen, log=log)
         self.children.append(child)
@@ -140,7 +155,9 @@ class Supervisor:
             StartupError: a child exited, or ``timeout_s`` seconds passed.
         """
         deadline = time.monotonic() + timeout_s
-        channels = {child.spec.id: grpc.insecure_channel(child.spec.dial_address) for child in self.children}
+        channels = {
+            child.spec.id: open_channel(child.spec.dial_address, self._security) for child in self.children
+        }
         pending = list(self.children)
         try:
             while pending:

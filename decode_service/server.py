@@ -26,6 +26,7 @@ class DecodeRole(WorkerRole):
     that its address is in the worker's registry entry, and the servicer."""
 
     service_name = SERVICE_NAME
+    admission_methods = ("Reserve", "Generate")
 
     def __init__(self) -> None:
         self.service: DecodeService | None = None
@@ -54,6 +55,11 @@ class DecodeRole(WorkerRole):
     def on_registered(self, runtime: WorkerRuntime) -> None:
         assert self.receiver is not None
         self.receiver.epoch = runtime.epoch
+
+    def is_idle(self, runtime: WorkerRuntime) -> bool:
+        """No request in the engine and no reservation waiting for its ``Decode``."""
+        assert self.service is not None
+        return super().is_idle(runtime) and len(self.service.table) == 0
 
     async def stop(self, runtime: WorkerRuntime) -> None:
         if self.receiver is not None:

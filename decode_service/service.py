@@ -31,6 +31,7 @@ from engine.engine_core import EngineCore
 from engine.errors import InvalidRequest, TandemError
 from engine.request import EngineOutput, Request
 from engine.serving import abort_with
+from engine.tracing import annotate, annotate_result, span
 from engine.worker_runtime import WorkerRuntime
 from kvtransfer.base import KvReceiver
 from kvtransfer.layout import KvDestination
@@ -79,6 +80,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         rid = f"{request.request_id}#{uuid.uuid4().hex[:12]}"
         n_tokens, max_tokens = request.num_prompt_tokens, request.max_tokens or None
         block_ids = await self._reserve_blocks(rid, n_tokens, max_tokens)
+        annotate({"reservation_id": rid, "reserved_blocks": len(block_ids)})
         lease_s = (request.lease_ms or self._rt.config.lease_ms) / 1000.0
         reservation = Reservation(
             rid, request.request_id, self._rt.epoch, block_ids, n_tokens, lease_expiry_unix_ms(lease_s)
@@ -150,19 +152,56 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             timeout_s = request.transfer_wait_ms / 1000.0 or max(
                 0.1, reservation.expires_unix_ms / 1000.0 - time.time()
             )
-            received = await self.receiver.wait_complete(rid, timeout_s=min(timeout_s, 600.0))
-            self._rt.metrics.kv_transfer_bytes.labels(backend=self._rt.config.kv_transport).inc(
-                received.num_bytes
-            )
+            with span("decode.admission"):  # KV arrived, joins the batch
+                received = await self.receiver.wait_complete(rid, timeout_s=min(timeout_s, 600.0))
+                self._rt.metrics.kv_transfer_bytes.labels(backend=self._rt.config.kv_transport).inc(
+                    received.num_bytes
+                )
+                annotate({"kv.bytes": received.num_bytes, "kv.blocks": len(received.block_ids)})
+                req = Request(
+                    req_id=rid,
+                    prompt_token_ids=list(request.prompt_token_ids),
+                    sampling=sampling,
+                    eos_token_ids=self._rt.eos_token_ids,
+                )
+                first = request.first_token_id
+                start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_request(req, first))
+            with span("decode.generate"):  # the request's life in the batch
+                n_tokens = 0
+                async for out in self._outputs(start, queue):
+                    n_tokens += len(out.new_token_ids)
+                    self._rt.metrics.generation_tokens.inc(len(out.new_token_ids))
+                    if out.finished:
+                        annotate_result(output_tokens=n_tokens, finish_reason=out.finish_reason)
+                    yield worker_pb2.DecodeResponse(
+                        token_ids=out.new_token_ids,
+                        finish_reason=finish_reason_to_pb(out.finish_reason),
+                        logprobs=logprobs_list_to_pb(out.logprobs),
+                    )
+        except TandemError as exc:
+            await abort_with(context, exc)
+        finally:
+            self._rt.loop.close_stream(rid)
+            self.receiver.forget(rid)
+            self._rt.spawn(self._abort(rid))
+
+    async def Generate(
+        self, request: worker_pb2.LocalGenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[worker_pb2.DecodeResponse]:
+        """Colocated mode: the whole request in this engine (prefill batched with decodes)."""
+        if not self._rt.config.colocated:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this decode worker is not colocated")
+        rid = f"{request.request_id}#{uuid.uuid4().hex[:12]}"
+        queue = self._rt.loop.open_stream(rid)
+        try:
             req = Request(
                 req_id=rid,
                 prompt_token_ids=list(request.prompt_token_ids),
-                sampling=sampling,
+                sampling=sampling_params_from_pb(request.sampling),
                 eos_token_ids=self._rt.eos_token_ids,
             )
-            first = request.first_token_id
-            start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_request(req, first))
-            async for out in self._outputs(start, queue):
+            await self._rt.loop.call(lambda c: c.add_request(req))
+            async for out in self._outputs(None, queue):
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason_to_pb(out.finish_reason),
@@ -172,13 +211,13 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await abort_with(context, exc)
         finally:
             self._rt.loop.close_stream(rid)
-            self.receiver.forget(rid)
             self._rt.spawn(self._abort(rid))
 
     async def _outputs(
-        self, start: EngineOutput, queue: asyncio.Queue[EngineOutput]
+        self, start: EngineOutput | None, queue: asyncio.Queue[EngineOutput]
     ) -> AsyncIterator[EngineOutput]:
-        if start.finished:
+        """``start`` (when given), then the request's outputs until the finished one."""
+        if start is not None and start.finished:
             yield start
             return
         while True:

@@ -9,13 +9,28 @@ later request with the same prefix can take it back with :meth:`BlockPool.touch`
 (O(1) removal from the middle of the queue). When a cached free block is popped
 for reuse, its hash is evicted from the map. Layering follows vLLM v1's
 ``BlockPool`` (free queue + hash map, per-block verbs); the code is Tandem's own.
+
+Every registration (:meth:`BlockPool.cache_full_block`) and eviction of a hash
+is reported to the optional :class:`KvEventSink` (``engine/kv_events.py``
+publishes them to Redis as KV events).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 from engine.errors import CapacityExceeded
+
+
+class KvEventSink(Protocol):
+    """Receives the prefix cache's changes, on the thread that owns the pool."""
+
+    def block_stored(self, block_hash: bytes) -> None:
+        """``block_hash`` (32 bytes) entered the prefix cache."""
+
+    def block_removed(self, block_hash: bytes) -> None:
+        """``block_hash`` left the prefix cache (its block was evicted for reuse)."""
 
 
 class BlockPoolInvariantError(AssertionError):
@@ -108,9 +123,10 @@ class BlockPool:
     Args:
         num_blocks: blocks in the cache (>= 1).
         block_size: tokens per block (>= 1).
+        event_sink: told of every hash stored in or evicted from the prefix cache.
     """
 
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, event_sink: KvEventSink | None = None) -> None:
         if num_blocks < 1 or block_size < 1:
             raise ValueError(f"num_blocks and block_size must be >= 1, got {num_blocks}, {block_size}")
         self.num_blocks = num_blocks
@@ -118,6 +134,9 @@ class BlockPool:
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         self.free_queue = FreeBlockQueue(self.blocks)
         self._cached: dict[bytes, KVCacheBlock] = {}
+        self.event_sink = event_sink
+        #: Cached blocks evicted for reuse since the pool was built (blocks).
+        self.num_evictions = 0
 
     @property
     def num_free_blocks(self) -> int:
@@ -148,8 +167,7 @@ class BlockPool:
         for _ in range(num_blocks):
             block = self.free_queue.popleft()
             if block.block_hash is not None:
-                del self._cached[block.block_hash]
-                block.block_hash = None
+                self._evict(block)
             block.ref_cnt = 1
             blocks.append(block)
         return blocks
@@ -190,8 +208,22 @@ class BlockPool:
             return False
         block.block_hash = block_hash
         self._cached[block_hash] = block
+        if self.event_sink is not None:
+            self.event_sink.block_stored(block_hash)
         return True
+
+    def _evict(self, block: KVCacheBlock) -> None:
+        assert block.block_hash is not None
+        del self._cached[block.block_hash]
+        self.num_evictions += 1
+        if self.event_sink is not None:
+            self.event_sink.block_removed(block.block_hash)
+        block.block_hash = None
 
     def get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
         """The block cached under ``block_hash`` (held or free), or ``None``."""
         return self._cached.get(block_hash)
+
+    def cached_hashes(self) -> list[bytes]:
+        """Every hash in the prefix cache (held or free), in registration order."""
+        return list(self._cached)

@@ -5,11 +5,25 @@ The manager speaks in requests and tokens (``allocate(req_id, num_tokens)``,
 while it runs and is freed all at once. Any id may own a block table: a running
 request, a prefill request held until its KV is pushed, or a decode worker's
 reservation for a remote prefill (the scheduler decides which).
+
+Prefix caching (``enable_prefix_caching``): a full, computed block is
+registered in the pool's hash map under the chained hash of its tokens
+(``engine/hashing.py``, rooted at the model id and the request's
+``cache_salt``) by :meth:`KVCacheManager.cache_full_blocks`; a new request's
+longest run of cached leading blocks (:meth:`KVCacheManager.find_cached_prefix`)
+is shared (reference count + 1) instead of computed. Freed blocks keep their
+hash at reference count 0 and are evicted least recently freed first, when the
+pool hands them out again.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from engine.block_pool import BlockPool, KVCacheBlock
+from engine.errors import CapacityExceeded
+from engine.hashing import hash_block_tokens, root_hash
+from engine.request import Request
 
 
 def cdiv(a: int, b: int) -> int:
@@ -22,12 +36,19 @@ class KVCacheManager:
 
     Args:
         block_pool: the pool to draw blocks from.
+        enable_prefix_caching: register full blocks and reuse cached prefixes.
+        model_id: mixed into every block hash (see ``engine.hashing.root_hash``).
     """
 
-    def __init__(self, block_pool: BlockPool) -> None:
+    def __init__(
+        self, block_pool: BlockPool, *, enable_prefix_caching: bool = False, model_id: str = ""
+    ) -> None:
         self.block_pool = block_pool
         self.block_size = block_pool.block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.model_id = model_id
         self._blocks: dict[str, list[KVCacheBlock]] = {}
+        self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's leading full blocks
 
     @property
     def num_free_blocks(self) -> int:
@@ -49,24 +70,68 @@ class KVCacheManager:
         held = len(self._blocks.get(req_id, ())) if req_id is not None else 0
         return max(cdiv(num_tokens, self.block_size) - held, 0)
 
-    def can_allocate(self, num_tokens: int, req_id: str | None = None) -> bool:
+    def can_allocate(
+        self, num_tokens: int, req_id: str | None = None, cached_blocks: Sequence[KVCacheBlock] = ()
+    ) -> bool:
         """Whether :meth:`allocate` for ``num_tokens`` tokens would succeed now.
 
         Args:
             num_tokens: tokens the request's block table must cover in total.
             req_id: the request (blocks it already holds count); ``None`` for a new one.
+            cached_blocks: cached leading blocks a new request would share
+                (from :meth:`find_cached_prefix`); free ones leave the free queue.
         """
-        return self.num_blocks_needed(num_tokens, req_id) <= self.block_pool.num_free_blocks
+        needed = self.num_blocks_needed(num_tokens, req_id) - len(cached_blocks)
+        taken = sum(1 for b in cached_blocks if b.ref_cnt == 0)
+        return needed <= self.block_pool.num_free_blocks - taken
 
-    def allocate(self, req_id: str, num_tokens: int) -> list[int]:
-        """Grow ``req_id``'s block table to cover ``num_tokens`` tokens.
+    def find_cached_prefix(self, token_ids: Sequence[int], cache_salt: str = "") -> list[KVCacheBlock]:
+        """The longest run of cached blocks holding ``token_ids``' leading full blocks.
+
+        At most ``(len(token_ids) - 1) // block_size`` blocks, so at least the
+        last token is left to compute (a step must compute a token to sample
+        one). Nothing is taken: pass the result to :meth:`allocate`.
 
         Returns:
-            The ids of the newly added blocks (empty when none were needed).
+            The blocks in sequence order (empty when prefix caching is off).
+        """
+        if not self.enable_prefix_caching:
+            return []
+        bs = self.block_size
+        parent = root_hash(self.model_id, cache_salt)
+        hits: list[KVCacheBlock] = []
+        for i in range((len(token_ids) - 1) // bs):
+            parent = hash_block_tokens(parent, token_ids[i * bs : (i + 1) * bs])
+            block = self.block_pool.get_cached_block(parent)
+            if block is None:
+                break
+            hits.append(block)
+        return hits
+
+    def allocate(self, req_id: str, num_tokens: int, cached_blocks: Sequence[KVCacheBlock] = ()) -> list[int]:
+        """Grow ``req_id``'s block table to cover ``num_tokens`` tokens.
+
+        Args:
+            req_id: the request.
+            num_tokens: tokens the block table must cover in total.
+            cached_blocks: for a request without blocks yet, cached leading
+                blocks (from :meth:`find_cached_prefix`) that start its block
+                table; each gains a reference.
+
+        Returns:
+            The ids of the newly added blocks (empty when none were needed;
+            shared cached blocks are not listed).
 
         Raises:
             CapacityExceeded: not enough free blocks; nothing is allocated.
         """
+        if cached_blocks:
+            assert req_id not in self._blocks, f"{req_id} already holds blocks"
+            if not self.can_allocate(num_tokens, None, cached_blocks):
+                raise CapacityExceeded(f"not enough free KV blocks for {num_tokens} tokens of {req_id}")
+            self.block_pool.touch(cached_blocks)
+            self._blocks[req_id] = list(cached_blocks)
+            self._hashes[req_id] = [b.block_hash for b in cached_blocks if b.block_hash is not None]
         needed = self.num_blocks_needed(num_tokens, req_id)
         if needed == 0:
             self._blocks.setdefault(req_id, [])
@@ -85,8 +150,35 @@ class KVCacheManager:
             Number of blocks released.
         """
         blocks = self._blocks.pop(req_id, [])
+        self._hashes.pop(req_id, None)
         self.block_pool.free_blocks(reversed(blocks))
         return len(blocks)
+
+    def cache_full_blocks(self, request: Request) -> None:
+        """Register ``request``'s blocks that are full and computed in the prefix cache.
+
+        Block ``i`` is registered once ``request.num_computed_tokens`` covers
+        its last token; a block whose hash another block already holds stays
+        unregistered (the first copy serves later requests). A no-op when
+        prefix caching is off or the request holds no blocks.
+        """
+        blocks = self._blocks.get(request.req_id)
+        if not self.enable_prefix_caching or blocks is None:
+            return
+        bs = self.block_size
+        hashes = self._hashes.setdefault(request.req_id, [])
+        num_full = min(request.num_computed_tokens // bs, len(blocks))
+        if len(hashes) >= num_full:
+            return
+        first = len(hashes)
+        parent = hashes[-1] if hashes else root_hash(self.model_id, request.cache_salt)
+        tokens = request.token_ids_between(first * bs, num_full * bs)
+        for i in range(first, num_full):
+            offset = (i - first) * bs
+            parent = hash_block_tokens(parent, tokens[offset : offset + bs])
+            hashes.append(parent)
+            if blocks[i].block_hash is None:
+                self.block_pool.cache_full_block(blocks[i], parent)
 
     def has_blocks(self, req_id: str) -> bool:
         """Whether ``req_id`` owns a block table (possibly empty)."""

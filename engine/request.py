@@ -83,6 +83,8 @@ class Request:
         arrival_time: ``time.monotonic()`` at creation (seconds).
         hold_blocks_on_finish: keep the KV blocks after finishing until the
             scheduler's ``release_held`` (prefill worker: the KV is pushed first).
+        cache_salt: mixed into the request's block hashes; requests with
+            different salts never share prefix-cache blocks (tenant isolation).
         output_token_ids: generated tokens so far.
         num_computed_tokens: tokens whose KV is in the cache (the cursor).
         num_cached_tokens: prompt tokens reused from the prefix cache.
@@ -96,6 +98,7 @@ class Request:
     max_model_len: int | None = None
     arrival_time: float = field(default_factory=time.monotonic)
     hold_blocks_on_finish: bool = False
+    cache_salt: str = ""
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0

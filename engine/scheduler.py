@@ -11,12 +11,15 @@ One :meth:`Scheduler.schedule` call:
      is preempted (blocks freed, cursor reset to 0, put at the FRONT of the
      waiting queue) until it fits, so the oldest request always progresses;
   2. when nothing was preempted, admits WAITING requests first come first served
-     while ``max_num_seqs``, the token budget and free blocks allow; a prompt
-     longer than the remaining budget is split, and only the chunk that reaches
-     the end of the sequence samples a token.
+     while ``max_num_seqs``, the token budget and free blocks allow; a request
+     whose leading blocks are in the prefix cache shares them and starts its
+     cursor after them (``num_cached_tokens``); a prompt longer than the
+     remaining budget is split, and only the chunk that reaches the end of the
+     sequence samples a token.
 
-:meth:`Scheduler.update_from_output` then advances cursors, appends sampled
-tokens, applies stop conditions and frees finished requests' blocks.
+:meth:`Scheduler.update_from_output` then advances cursors, registers blocks
+that became full in the prefix cache, appends sampled tokens, applies stop
+conditions and frees finished requests' blocks.
 
 Disaggregated roles:
 
@@ -250,10 +253,16 @@ class Scheduler:
         kv = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not kv.can_allocate(request.num_computed_tokens + n, request.req_id):
+            # A waiting request holds no blocks (cursor 0): start after its cached prefix.
+            cached = kv.find_cached_prefix(request.all_token_ids, request.cache_salt)
+            num_computed = len(cached) * kv.block_size
+            n = min(request.num_tokens - num_computed, budget)
+            if not kv.can_allocate(num_computed + n, request.req_id, cached):
                 break
-            kv.allocate(request.req_id, request.num_computed_tokens + n)
+            kv.allocate(request.req_id, num_computed + n, cached)
+            request.num_computed_tokens = num_computed
+            if request.status is RequestStatus.WAITING:  # a preempted request keeps its first count
+                request.num_cached_tokens = min(num_computed, request.num_prompt_tokens)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -295,6 +304,7 @@ class Scheduler:
             if request is None or request.status is not RequestStatus.RUNNING:
                 continue  # aborted after scheduling
             request.num_computed_tokens = seq.end_pos
+            self.kv_cache_manager.cache_full_blocks(request)
             if not seq.sample:
                 continue
             if result is None:

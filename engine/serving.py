@@ -7,7 +7,8 @@ Lifecycle of a process built on :class:`GrpcProcess`:
   2. the caller finishes its own start-up and calls ``set_serving()``;
   3. SIGTERM or SIGINT reports NOT_SERVING, stops accepting new calls, lets
      calls in flight finish for ``grace_s`` seconds, then returns from
-     ``wait_for_termination()``.
+     ``wait_for_termination()``; with a :class:`engine.drain.DrainPlan` it
+     deregisters first and finishes admitted work (see ``engine.drain``).
 """
 
 from __future__ import annotations
@@ -23,20 +24,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from engine.drain import DrainPlan, run_drain
 from engine.errors import grpc_status_name
+from engine.security import grpc_options
+from engine.security_config import DEFAULT_MAX_MESSAGE_BYTES
+from engine.tracing import server_interceptors
 
 logger = logging.getLogger(__name__)
 
-#: Largest gRPC message accepted or sent (bytes).
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-
-
-def grpc_options() -> list[tuple[str, int]]:
-    """Channel/server options shared by every Tandem server and client."""
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ]
+#: Default largest gRPC message accepted or sent (bytes); ``--max-message-bytes`` changes it.
+MAX_MESSAGE_BYTES = DEFAULT_MAX_MESSAGE_BYTES
 
 
 def status_code_for(exc: BaseException) -> grpc.StatusCode:
@@ -59,7 +56,13 @@ class GrpcProcess:
         service_names: full names of the services added (for reflection and
             health), e.g. ``"tandem.v1.Generation"``.
         add_servicers: callback that adds the process's servicers to the server.
-        grace_s: seconds calls in flight get to finish on shutdown.
+        grace_s: seconds calls in flight get to finish on shutdown (without ``drain``).
+        credentials: TLS server credentials (``engine.security.server_credentials``);
+            ``None`` serves plaintext.
+        interceptors: server interceptors (authentication), run in order.
+        max_message_bytes: largest message received or sent (bytes).
+        drain: how SIGTERM drains the process (``engine.drain``); ``None``: stop
+            accepting calls at once and give those in flight ``grace_s``.
     """
 
     def __init__(
@@ -70,10 +73,19 @@ class GrpcProcess:
         add_servicers: Callable[[grpc.aio.Server], None],
         *,
         grace_s: float = 10.0,
+        credentials: grpc.ServerCredentials | None = None,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        drain: DrainPlan | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.grace_s = grace_s
+        self._credentials = credentials
+        # Tracing last (none while it is off): it sees only calls that were let through.
+        self._interceptors = [*interceptors, *([drain.gate] if drain else []), *server_interceptors()]
+        self._max_message_bytes = max_message_bytes
+        self._drain = drain
         self._service_names = list(service_names)
         self._add_servicers = add_servicers
         self._health = health.aio.HealthServicer()
@@ -91,12 +103,18 @@ class GrpcProcess:
         Raises:
             RuntimeError: the port could not be bound.
         """
-        server = grpc.aio.server(options=grpc_options())
+        server = grpc.aio.server(
+            options=grpc_options(self._max_message_bytes), interceptors=self._interceptors or None
+        )
         self._add_servicers(server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         names = [*self._service_names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         reflection.enable_server_reflection([*names, reflection.SERVICE_NAME], server)
-        bound = server.add_insecure_port(f"{self.host}:{self.port}")
+        address = f"{self.host}:{self.port}"
+        if self._credentials is None:
+            bound = server.add_insecure_port(address)
+        else:
+            bound = server.add_secure_port(address, self._credentials)
         if bound == 0:
             raise RuntimeError(f"cannot bind gRPC server to {self.host}:{self.port}")
         self.port = bound
@@ -126,6 +144,10 @@ class GrpcProcess:
     async def wait_for_termination(self) -> None:
         """Block until a stop is requested, then report NOT_SERVING and drain."""
         await self._stop.wait()
-        await self._set_status(health_pb2.HealthCheckResponse.NOT_SERVING)
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        if self._drain is None:
+            await self._set_status(not_serving)
+        else:
+            await run_drain(self._drain, lambda: self._set_status(not_serving))
         if self._server is not None:
-            await self._server.stop(self.grace_s)
+            await self._server.stop(self.grace_s if self._drain is None else 1.0)

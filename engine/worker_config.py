@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+
+from engine.security_config import SecurityConfig
 
 Role = Literal["prefill", "decode"]
 
@@ -57,9 +59,17 @@ class WorkerConfig:
         max_queue_len: most waiting requests; more are refused with
             ``RESOURCE_EXHAUSTED``.
         seed: seed of the worker's global random generator and of ``"dummy"`` weights.
+        enable_prefix_caching: reuse cached KV blocks of earlier prompts and
+            publish KV events to Redis (prefill and colocated workers; a decode
+            worker's blocks are written by transfer and never looked up).
         load_format: ``"auto"`` or ``"safetensors"`` reads the checkpoint's
             weights; ``"dummy"`` builds seeded random weights from config.json
             alone (workers with the same seed hold the same weights).
+        colocated: a decode worker that also computes prompts (``Generate``
+            RPC), registered as a colocated worker: the baseline without
+            disaggregation.
+        security: TLS, the internal token and the message size limit.
+        drain_timeout_s: seconds SIGTERM gives admitted requests to finish.
     """
 
     role: Role
@@ -86,6 +96,10 @@ class WorkerConfig:
     max_queue_len: int = 256
     seed: int = 0
     load_format: str = "auto"
+    enable_prefix_caching: bool = True
+    colocated: bool = False
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    drain_timeout_s: float = 30.0
 
     @property
     def resolved_worker_id(self) -> str:

@@ -24,6 +24,7 @@ class PrefillRole(WorkerRole):
     """A KV sender of the configured transport and the servicer."""
 
     service_name = SERVICE_NAME
+    admission_methods = ("Prefill",)
 
     def add_servicers(self, runtime: WorkerRuntime, server: grpc.aio.Server) -> None:
         sender_cls, _receiver_cls = get_backend(runtime.config.kv_transport)

@@ -4,8 +4,9 @@ Request lifecycle on a prefill worker:
   1. ``Prefill`` checks the destination (layout, block count) and queues the
      prompt in the engine as a request that samples one token and keeps its
      blocks when it finishes (``hold_blocks_on_finish``);
-  2. the engine computes the prompt (batched with other prompts, chunked when
-     long) and samples the first token;
+  2. the engine reuses the prompt's longest cached prefix (prefix caching),
+     computes the rest (batched with other prompts, chunked when long) and
+     samples the first token;
   3. the KV of the prompt's blocks is pushed into the decode worker's reserved
      blocks through the ``kvtransfer`` sender, which returns once the receiver
      verified every block;
@@ -29,6 +30,7 @@ from engine.errors import InvalidRequest, RequestAborted, TandemError
 from engine.kv_cache_manager import cdiv
 from engine.request import EngineOutput, Request
 from engine.serving import abort_with
+from engine.tracing import GEN_AI_USAGE_INPUT_TOKENS, span, transfer_attributes
 from engine.worker_runtime import WorkerRuntime
 from kvtransfer.base import KvSender
 from kvtransfer.layout import KvDestination
@@ -68,22 +70,36 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             sampling=sampling,
             eos_token_ids=self._rt.eos_token_ids,
             hold_blocks_on_finish=True,
+            cache_salt=request.cache_salt,
         )
         queue = self._rt.loop.open_stream(rid)
         started = time.perf_counter()
         try:
-            await self._rt.loop.call(lambda c: c.add_request(req))
-            out = await self._first_output(queue)
+            with span("prefill.queue"):  # until the engine thread takes it
+                await self._rt.loop.call(lambda c: c.add_request(req))
+            with span("prefill.compute") as compute:  # batch wait and compute
+                out = await self._first_output(queue)
+                compute.set_attributes(
+                    {GEN_AI_USAGE_INPUT_TOKENS: len(prompt), "tandem.cached_tokens": out.num_cached_tokens}
+                )
             prefill_s = time.perf_counter() - started
-            block_table = await self._rt.loop.call(lambda c: c.scheduler.get_block_table(rid))
-            stats = await self._sender.send(
-                request.request_id, destination, block_table[:n_blocks], self._rt.runner.kv_cache
-            )
+            with span("kv.transfer") as transfer:
+                block_table = await self._rt.loop.call(lambda c: c.scheduler.get_block_table(rid))
+                stats = await self._sender.send(
+                    request.request_id, destination, block_table[:n_blocks], self._rt.runner.kv_cache
+                )
+                transfer.set_attributes(
+                    transfer_attributes(
+                        destination.transport, stats.num_bytes, stats.num_blocks, stats.seconds
+                    )
+                )
         finally:
             self._rt.loop.close_stream(rid)
             self._rt.spawn(self._free(rid))
-        self._rt.metrics.kv_transfer_bytes.labels(backend=destination.transport).inc(stats.num_bytes)
+        self._rt.metrics.observe_transfer(destination.transport, stats.num_bytes, stats.seconds)
         self._rt.metrics.prompt_tokens.inc(len(prompt))
+        self._rt.metrics.prefix_cache_hit_tokens.inc(out.num_cached_tokens)
+        self._rt.metrics.prefill_tokens.inc(len(prompt) - out.num_cached_tokens)
         response = worker_pb2.PrefillResponse(
             first_token_id=out.new_token_ids[0],
             num_cached_tokens=out.num_cached_tokens,

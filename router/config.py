@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.security_config import SecurityConfig
 from engine.worker_config import BUNDLED_MODEL_DIR
 
 
@@ -22,11 +23,17 @@ class RouterConfig:
         redis_prefix: prefix of every Redis key Tandem writes.
         max_model_len: longest prompt plus completion in tokens; ``None`` means
             the config's ``max_position_embeddings``.
-        routing: routing policy name (``"least-loaded"``, ``"round-robin"``).
+        routing: routing policy name (``"prefix"``: cached prefix weighed
+            against load, ``"least-loaded"``, ``"round-robin"``).
         refresh_interval_s: seconds between reads of the worker registry.
         max_queue_len: most requests in flight at the router; more are refused
             with ``RESOURCE_EXHAUSTED``.
         lease_ms: lease asked of decode workers for each reservation (ms).
+        max_prompt_tokens: longest prompt accepted, in tokens (``None``: only
+            ``max_model_len`` bounds it); longer ones get ``INVALID_ARGUMENT``.
+        security: TLS, public bearer tokens, the internal token sent to
+            workers and the message size limit.
+        drain_timeout_s: seconds SIGTERM gives requests in flight to finish.
     """
 
     model: Path = BUNDLED_MODEL_DIR
@@ -36,7 +43,10 @@ class RouterConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tandem"
     max_model_len: int | None = None
-    routing: str = "least-loaded"
+    routing: str = "prefix"
     refresh_interval_s: float = 0.5
     max_queue_len: int = 1024
     lease_ms: int = 30_000
+    max_prompt_tokens: int | None = None
+    security: SecurityConfig = field(default_factory=SecurityConfig)
+    drain_timeout_s: float = 30.0

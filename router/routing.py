@@ -10,13 +10,21 @@ The same policy object serves both roles: it scores a candidate by its role
 has sent and not yet seen finish (``inflight``, ``inflight_tokens``) in each
 view, so load it assigned counts at once, before the next heartbeat, and a
 burst spreads over the workers.
+
+The ``prefix`` policy (the router's default) also weighs how much of the
+prompt each prefill worker already holds in its prefix cache
+(``RoutingRequest.cached_blocks``, read from the Redis ownership index by
+``router/prefix_index.py``); without that information it routes by load.
+Every policy names the reason of each decision (:meth:`RoutingPolicy.reason`)
+for ``tandem_routing_decisions_total{policy,reason}``.
 """
 
 from __future__ import annotations
 
 import abc
+import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +33,7 @@ from tandem.v1 import worker_pb2
 
 PREFILL = worker_pb2.WORKER_ROLE_PREFILL
 DECODE = worker_pb2.WORKER_ROLE_DECODE
+COLOCATED = worker_pb2.WORKER_ROLE_COLOCATED
 
 
 @dataclass(frozen=True)
@@ -57,17 +66,30 @@ class RoutingRequest:
     Attributes:
         request_id: the request's id.
         num_prompt_tokens: prompt length in tokens.
-        block_hashes: hashes of the prompt's full blocks, in order (for
-            prefix-aware policies; empty when unknown).
+        block_hashes: chained hashes of the prompt's full blocks, in order
+            (``engine.hashing.hash_prompt_blocks``; empty when unknown).
+        cached_blocks: ``worker_id -> leading prompt blocks it holds`` for the
+            prefill candidates, from the ownership index; ``None`` when the
+            index was not consulted or is unreachable.
     """
 
     request_id: str
     num_prompt_tokens: int
-    block_hashes: tuple[int, ...] = field(default=())
+    block_hashes: tuple[bytes, ...] = field(default=())
+    cached_blocks: Mapping[str, int] | None = None
 
 
 class RoutingPolicy(abc.ABC):
     """Chooses one worker among candidates of one role."""
+
+    #: Name the policy is registered under (set by :func:`register_policy`).
+    name: str = ""
+    #: Whether the router should fill ``RoutingRequest.cached_blocks`` for prefill picks.
+    uses_prefix_index: bool = False
+
+    def reason(self, chosen: WorkerView, request: RoutingRequest) -> str:
+        """Why ``chosen`` was picked for ``request`` (a metric label)."""
+        return "load"
 
     def pick(self, candidates: Sequence[WorkerView], request: RoutingRequest) -> WorkerView:
         """The worker that should serve ``request``.
@@ -100,6 +122,7 @@ def register_policy(name: str) -> Callable[[type[RoutingPolicy]], type[RoutingPo
 
     def register(cls: type[RoutingPolicy]) -> type[RoutingPolicy]:
         assert name not in _POLICIES, f"routing policy {name!r} registered twice"
+        cls.name = name
         _POLICIES[name] = cls
         return cls
 
@@ -146,7 +169,11 @@ def _decode_key(view: WorkerView) -> tuple[Any, ...]:
     return (-free, running, view.worker_id)
 
 
-_LOAD_KEYS: dict[int, Callable[[WorkerView], tuple[Any, ...]]] = {PREFILL: _prefill_key, DECODE: _decode_key}
+_LOAD_KEYS: dict[int, Callable[[WorkerView], tuple[Any, ...]]] = {
+    PREFILL: _prefill_key,
+    DECODE: _decode_key,
+    COLOCATED: _decode_key,  # holds its requests' KV for their whole life, like a decode worker
+}
 
 
 @register_policy("least-loaded")
@@ -185,3 +212,65 @@ class RoundRobin(RoutingPolicy):
         self._cursors[role] = cursor + 1
         ordered = sorted(candidates, key=lambda v: v.worker_id)
         return ordered[cursor % len(ordered)]
+
+    def reason(self, chosen: WorkerView, request: RoutingRequest) -> str:
+        return "cycle"
+
+
+def cached_tokens(view: WorkerView, request: RoutingRequest) -> int:
+    """Prompt tokens ``view``'s worker holds in its prefix cache, per the index (0 when unknown)."""
+    if request.cached_blocks is None:
+        return 0
+    return min(
+        request.cached_blocks.get(view.worker_id, 0) * view.info.layout.block_size, request.num_prompt_tokens
+    )
+
+
+def rendezvous_rank(view: WorkerView, request: RoutingRequest) -> bytes:
+    """Tie-break: highest-random-weight hashing of the prompt's first block over worker ids.
+
+    Prompts that start alike rank the workers alike, so ties (no cached
+    prefix anywhere, equal load) send them to the same worker, which then
+    caches the prefix for the next ones. (Rendezvous hashing: Thaler and
+    Ravishankar, 1996.)
+    """
+    first = request.block_hashes[0] if request.block_hashes else request.request_id.encode()
+    return hashlib.sha256(first + view.worker_id.encode()).digest()
+
+
+@register_policy("prefix")
+class PrefixAware(RoutingPolicy):
+    """Prefill: least ``uncached prompt tokens + load_weight x queued tokens``; decode as least-loaded.
+
+    ``uncached`` is ``num_prompt_tokens - cached_tokens(view, request)``;
+    queued tokens are the tokens to compute of the prefills the router has sent
+    the worker and not seen return (``inflight_tokens``, counted at once, so a
+    burst spreads). The heartbeat's ``num_tokens_waiting`` is left out: it lags
+    by up to a heartbeat interval, so a request that just finished would
+    outweigh a long cached prefix (with several routers, each sees only its own
+    prefills). Ties go to :func:`rendezvous_rank`, then the smaller worker id.
+    With ``cached_blocks`` unknown (index unreachable) every worker's cached
+    count is 0, which is least-loaded routing.
+    """
+
+    uses_prefix_index = True
+    #: Weight of one queued token against one token to compute.
+    load_weight: float = 1.0
+
+    def _pick(self, candidates: Sequence[WorkerView], request: RoutingRequest) -> WorkerView:
+        if candidates[0].role != PREFILL:
+            return LeastLoaded()._pick(candidates, request)
+
+        def cost(view: WorkerView) -> tuple[float, bytes, str]:
+            queued = view.inflight_tokens
+            uncached = request.num_prompt_tokens - cached_tokens(view, request)
+            return (uncached + self.load_weight * queued, rendezvous_rank(view, request), view.worker_id)
+
+        return min(candidates, key=cost)
+
+    def reason(self, chosen: WorkerView, request: RoutingRequest) -> str:
+        if chosen.role != PREFILL:
+            return "load"
+        if request.cached_blocks is None:
+            return "index-unavailable"
+        return "prefix-hit" if cached_tokens(chosen, request) > 0 else "no-prefix-hit"

@@ -12,12 +12,15 @@ import asyncio
 import logging
 
 from engine.config import ModelConfig, resolve_max_model_len
+from engine.drain import DrainPlan
 from engine.metrics import ProcessMetrics
+from engine.security import bearer_metadata, open_aio_channel, server_credentials, server_interceptors
 from engine.serving import GrpcProcess
 from engine.tokenizer import Tokenizer
 from engine.worker_registry import WorkerDirectory
 from router.config import RouterConfig
 from router.orchestrator import Orchestrator
+from router.prefix_index import PrefixIndex
 from router.routing import get_policy
 from router.service import GenerationService, ServedModel
 from router.worker_pool import WorkerPool
@@ -33,16 +36,26 @@ async def serve(config: RouterConfig) -> None:
     max_model_len = resolve_max_model_len(model, config.max_model_len)
     metrics = ProcessMetrics("router")
     metrics.serve(config.host, config.metrics_port)
+    internal = bearer_metadata(config.security.internal_token)
     pool = WorkerPool(
-        WorkerDirectory(config.redis_url, config.redis_prefix), refresh_interval_s=config.refresh_interval_s
+        WorkerDirectory(config.redis_url, config.redis_prefix),
+        refresh_interval_s=config.refresh_interval_s,
+        channel_factory=lambda address: open_aio_channel(address, config.security, internal),
     )
     await pool.start()
+    policy = get_policy(config.routing)
+    prefix_index = PrefixIndex(config.redis_url, config.redis_prefix) if policy.uses_prefix_index else None
+    if prefix_index is not None:
+        prefix_index.start()  # applies KV events to the ownership index in the background
+        metrics.prefix_index_staleness.set_function(lambda: prefix_index.staleness_s)
     orchestrator = Orchestrator(
         pool,
-        get_policy(config.routing),
+        policy,
         eos_token_ids=tuple(model.eos_token_ids),
         max_model_len=max_model_len,
         lease_ms=config.lease_ms,
+        prefix_index=prefix_index,
+        metrics=metrics,
     )
     served = ServedModel(
         name=model.name,
@@ -64,6 +77,7 @@ async def serve(config: RouterConfig) -> None:
         metrics,
         max_inflight=config.max_queue_len,
         worker_layout=worker_layout,
+        max_prompt_tokens=config.max_prompt_tokens,
     )
     name = generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name
     process = GrpcProcess(
@@ -71,6 +85,13 @@ async def serve(config: RouterConfig) -> None:
         config.port,
         [name],
         lambda server: generation_pb2_grpc.add_GenerationServicer_to_server(service, server),
+        credentials=server_credentials(config.security.tls),
+        interceptors=server_interceptors(config.security, public=True),
+        max_message_bytes=config.security.max_message_bytes,
+        drain=DrainPlan(
+            timeout_s=config.drain_timeout_s,
+            admission_methods=[f"/{name}/Generate", f"/{name}/GenerateStream"],
+        ),
     )
     await process.start()
     await process.set_serving()
@@ -79,6 +100,8 @@ async def serve(config: RouterConfig) -> None:
         await process.wait_for_termination()
     finally:
         await pool.close()
+        if prefix_index is not None:
+            await prefix_index.close()
 
 
 def run(config: RouterConfig) -> int:

@@ -22,11 +22,13 @@ import grpc
 
 from engine.codec import finish_reason_to_pb, logprobs_list_to_pb
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import CapacityExceeded, TandemError
-from engine.metrics import ProcessMetrics
+from engine.errors import CapacityExceeded, InvalidRequest, TandemError
+from engine.logging_setup import log_request
+from engine.metrics import ProcessMetrics, RequestTimer
 from engine.serving import abort_with
 from engine.stop import StopStringMatcher
 from engine.tokenizer import Tokenizer
+from engine.tracing import annotate_request, annotate_result
 from router.orchestrator import Orchestrator
 from router.validation import ParsedRequest, parse_generate_request
 from tandem.v1 import generation_pb2, generation_pb2_grpc, kv_pb2
@@ -62,6 +64,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         *,
         max_inflight: int,
         worker_layout: Callable[[], kv_pb2.LayoutDescriptor | None] = lambda: None,
+        max_prompt_tokens: int | None = None,
     ) -> None:
         self._orchestrator = orchestrator
         self._tokenizer = tokenizer
@@ -69,6 +72,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self._metrics = metrics
         self._max_inflight = max_inflight
         self._worker_layout = worker_layout
+        self._max_prompt_tokens = max_prompt_tokens
         self._inflight = 0
 
     async def GetModelInfo(
@@ -115,7 +119,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _stream(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        code = "OK"
+        code, timer, parsed = "OK", RequestTimer(), None
         self._inflight += 1
         self._metrics.requests_running.set(self._inflight)
         try:
@@ -127,7 +131,16 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 vocab_size=self._model.vocab_size,
                 max_model_len=self._model.max_model_len,
             )
-            async for msg in self._run(parsed, context):
+            n_prompt, limit = len(parsed.prompt_token_ids), self._max_prompt_tokens
+            if limit is not None and n_prompt > limit:
+                raise InvalidRequest("prompt", f"{n_prompt} tokens, more than the {limit} accepted")
+            annotate_request(
+                model=self._model.name,
+                request_id=parsed.request_id,
+                max_tokens=parsed.sampling.max_tokens,
+                input_tokens=n_prompt,
+            )
+            async for msg in self._run(parsed, context, timer):
                 yield msg
         except TandemError as exc:
             code = exc.grpc_code
@@ -141,10 +154,36 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         finally:
             self._inflight -= 1
             self._metrics.requests_running.set(self._inflight)
-            self._metrics.requests.labels(code=code).inc()
+            self._end(request, parsed, timer, code)
+
+    def _end(
+        self,
+        request: generation_pb2.GenerateRequest,
+        parsed: ParsedRequest | None,
+        timer: RequestTimer,
+        code: str,
+    ) -> None:
+        """Metrics, span attributes and the log line of a request that ended with ``code``."""
+        self._metrics.observe_request(timer, code)
+        annotate_result(
+            output_tokens=timer.num_output_tokens,
+            finish_reason=timer.finish_reason,
+            cached_prompt_tokens=timer.num_cached_tokens,
+        )
+        log_request(
+            request_id=parsed.request_id if parsed else request.request_id,
+            status=code,
+            finish_reason=timer.finish_reason,
+            prompt_tokens=len(parsed.prompt_token_ids) if parsed else 0,
+            cached_tokens=timer.num_cached_tokens,
+            completion_tokens=timer.num_output_tokens,
+            ttft_s=timer.ttft_s,
+            e2e_s=timer.elapsed_s,
+            prompt=request.prompt or list(request.prompt_token_ids),
+        )
 
     async def _run(
-        self, req: ParsedRequest, context: grpc.aio.ServicerContext
+        self, req: ParsedRequest, context: grpc.aio.ServicerContext, timer: RequestTimer
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         detok = IncrementalDetokenizer(self._tokenizer, req.prompt_token_ids)
         stopper = StopStringMatcher(req.sampling.stop)
@@ -155,7 +194,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         async with contextlib.aclosing(self._orchestrator.generate(req, context.time_remaining())) as chunks:
             async for chunk in chunks:
                 n_generated += len(chunk.token_ids)
-                self._metrics.generation_tokens.inc(len(chunk.token_ids))
+                self._metrics.observe_tokens(timer, len(chunk.token_ids))
                 msg = generation_pb2.GenerateStreamResponse(
                     request_id=req.request_id,
                     token_ids=chunk.token_ids,
@@ -163,6 +202,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     logprobs=logprobs_list_to_pb(chunk.logprobs),
                 )
                 cached = max(cached, chunk.num_cached_tokens)
+                timer.num_cached_tokens = cached
                 finish = chunk.finish_reason
                 if finish is not None and not stopper.stopped:
                     msg.text += stopper.push(detok.finish())
@@ -179,6 +219,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         )
                     )
                     self._metrics.prompt_tokens.inc(len(req.prompt_token_ids))
+                    timer.finish_reason = finish
                 yield msg
                 if finish is not None:
                     return

@@ -28,11 +28,13 @@ class ParsedRequest:
         request_id: the caller's id, or a generated one.
         prompt_token_ids: the prompt as token ids (length >= 1).
         sampling: validated sampling parameters.
+        cache_salt: prefix-cache namespace of the request (``""``: the shared one).
     """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
+    cache_salt: str = ""
 
 
 def parse_generate_request(
@@ -73,7 +75,7 @@ def parse_generate_request(
             f"prompt ({len(token_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
             f"max_model_len ({max_model_len}); shorten the prompt or lower max_tokens",
         )
-    return ParsedRequest(pb.request_id or uuid.uuid4().hex, token_ids, sampling)
+    return ParsedRequest(pb.request_id or uuid.uuid4().hex, token_ids, sampling, pb.cache_salt)
 
 
 def _check_sampling_for_model(sampling: SamplingParams, vocab_size: int) -> None:

@@ -10,8 +10,10 @@ Lifecycle of a worker in the pool:
   3. requests routed to a worker are counted (:meth:`WorkerPool.acquire` /
      :meth:`WorkerPool.release`, or :meth:`WorkerPool.in_flight`) so that
      routing sees them before the worker's next heartbeat;
-  4. a worker that leaves the registry (deregistered or expired) is dropped and
-     its channel closed.
+  4. a worker that leaves the registry (deregistered or expired) is no longer
+     returned by :meth:`WorkerPool.healthy`; its channel stays open until the
+     requests already routed to it are released (a draining worker finishes
+     its streams), then it is closed at the next refresh.
 
 If Redis is unreachable, the pool keeps the workers it last saw (and keeps
 checking their health), logging one warning: requests keep flowing.
@@ -23,7 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import grpc
@@ -67,15 +69,25 @@ class WorkerPool:
         directory: registry reader (owned by the caller; not closed here).
         refresh_interval_s: seconds between registry reads and health checks.
         health_check_timeout_s: deadline of one ``Health/Check`` call in seconds.
+        channel_factory: opens the channel to a worker's address (TLS and the
+            internal token: ``engine.security.open_aio_channel``); default plaintext.
     """
 
     def __init__(
-        self, directory: WorkerDirectory, *, refresh_interval_s: float, health_check_timeout_s: float = 1.0
+        self,
+        directory: WorkerDirectory,
+        *,
+        refresh_interval_s: float,
+        health_check_timeout_s: float = 1.0,
+        channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
     ) -> None:
         self._directory = directory
+        # Looked up at call time: tracing wraps ``grpc.aio.insecure_channel`` after import.
+        self._channel_factory = channel_factory or (lambda address: grpc.aio.insecure_channel(address))
         self._interval_s = refresh_interval_s
         self._health_timeout_s = health_check_timeout_s
         self._workers: dict[str, _Worker] = {}
+        self._retired: dict[str, _Worker] = {}  # left the registry; requests still in flight
         self._lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._directory_down = False
@@ -94,8 +106,9 @@ class WorkerPool:
                 await self._task
             self._task = None
         async with self._lock:
-            workers, self._workers = self._workers, {}
-            await asyncio.gather(*(w.channel.close() for w in workers.values()))
+            workers = [*self._workers.values(), *self._retired.values()]
+            self._workers, self._retired = {}, {}
+            await asyncio.gather(*(w.channel.close() for w in workers))
 
     async def refresh(self) -> None:
         """Read the registry, open and close channels, and check every worker's health."""
@@ -113,22 +126,25 @@ class WorkerPool:
                     logger.info("worker registry reachable again")
                 self._directory_down = False
                 await self._sync(infos)
+            idle = [wid for wid, w in self._retired.items() if w.inflight == 0]
+            await asyncio.gather(*(self._retired.pop(wid).channel.close() for wid in idle))
             await self._check_health()
 
     async def _sync(self, infos: list[worker_pb2.WorkerInfo]) -> None:
         """Make the known workers match ``infos`` (the registry's live workers)."""
         seen = {info.worker_id: info for info in infos}
-        stale = [w for wid, w in self._workers.items() if wid not in seen]
+        stale: list[_Worker] = []
         for worker_id in [wid for wid in self._workers if wid not in seen]:
             logger.info("worker %s left the registry", worker_id)
-            del self._workers[worker_id]
+            self._retired[worker_id] = self._workers.pop(worker_id)
         for worker_id, info in seen.items():
-            known = self._workers.get(worker_id)
+            known = self._workers.get(worker_id) or self._retired.pop(worker_id, None)
             if known is not None and (known.info.epoch, known.info.grpc_address) == (
                 info.epoch,
                 info.grpc_address,
             ):
                 known.info = info
+                self._workers[worker_id] = known  # back from retirement (e.g. the registry was wiped)
                 continue
             if known is not None:
                 logger.info("worker %s restarted (epoch %d -> %d)", worker_id, known.info.epoch, info.epoch)
@@ -136,7 +152,7 @@ class WorkerPool:
             # In-flight counts carry over so that releases of older requests balance.
             self._workers[worker_id] = _Worker(
                 info=info,
-                channel=grpc.aio.insecure_channel(info.grpc_address),
+                channel=self._channel_factory(info.grpc_address),
                 inflight=known.inflight if known else 0,
                 inflight_tokens=known.inflight_tokens if known else 0,
             )
@@ -196,8 +212,8 @@ class WorkerPool:
         worker.inflight_tokens += tokens
 
     def release(self, worker_id: str, tokens: int) -> None:
-        """Undo one :meth:`acquire`; a no-op when the worker has left the pool since."""
-        worker = self._workers.get(worker_id)
+        """Undo one :meth:`acquire`; a no-op when the worker's channel was closed since."""
+        worker = self._workers.get(worker_id) or self._retired.get(worker_id)
         if worker is None:
             return
         # A worker that left and came back starts from zero; never go below it.

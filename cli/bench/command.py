@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from cli.bench import workload
 from cli.generate import non_negative_float, probability
 from cli.options import model_dir, non_negative_int, positive_float, positive_int
+from cli.security_options import add_client_options, client_security_from_args
 from engine.worker_config import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
@@ -109,6 +110,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--plots-dir", type=Path, metavar="DIR", help="write latency_cdf.png, goodput_vs_rate.png"
     )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_client_options(parser)
 
 
 def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
@@ -202,7 +204,10 @@ async def _bench(args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     results: list[RunResult] = []
-    async with grpc.aio.insecure_channel(args.target) as channel:
+    from engine.security import bearer_metadata, open_aio_channel
+
+    security = client_security_from_args(args)
+    async with open_aio_channel(args.target, security, bearer_metadata(args.auth_token)) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         try:
             info = await stub.GetModelInfo(generation_pb2.GetModelInfoRequest(), timeout=30)

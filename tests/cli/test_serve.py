@@ -134,7 +134,7 @@ def test_plan_gives_exact_child_command_lines(tmp_path: Path) -> None:
     assert specs[3].argv == (
         *python, "router", "--model", str(tmp_path), "--host", "127.0.0.1", "--port", "50051",
         "--metrics-port", "41008", "--redis-url", "redis://127.0.0.1:7000/0", "--redis-prefix", "tandem",
-        "--routing", "least-loaded", "--max-queue-len", "1024", "--lease-ms", "30000",
+        "--routing", "prefix", "--max-queue-len", "1024", "--lease-ms", "30000",
     )  # fmt: skip
 
 
@@ -265,3 +265,14 @@ def test_startup_timeout(tmp_path: Path, fake_component: Path, capsys: pytest.Ca
     router_pid = _log_value(tmp_path / "run" / "router.log", "pid")
     assert f"tandem serve: not SERVING within 3 s: router (pid {router_pid}) on 127.0.0.1:{args.port};" in err
     assert "--never-serving" in err  # the log's tail
+
+
+def test_workers_are_spread_round_robin_over_gpus() -> None:
+    from cli.serve import worker_devices
+
+    assert worker_devices("cuda", lambda: 2) == ["cuda:0", "cuda:1"]
+    assert worker_devices("auto", lambda: 3) == ["cuda:0", "cuda:1", "cuda:2"]
+    assert worker_devices("cuda", lambda: 1) == ["cuda"]
+    assert worker_devices("auto", lambda: 0) == ["auto"]
+    assert worker_devices("cpu", lambda: 8) == ["cpu"]
+    assert worker_devices("cuda:1", lambda: 8) == ["cuda:1"]

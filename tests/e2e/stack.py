@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -19,6 +20,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from engine.security import bearer_metadata, open_channel
+from engine.security_config import INTERNAL_TOKEN_ENV, SecurityConfig
 from tandem.v1 import generation_pb2, generation_pb2_grpc
 from tests.helpers.net import free_port
 
@@ -33,15 +36,33 @@ class Stack:
         run_dir: where logs and the cluster file go.
         redis_url: an existing Redis (the test session's), with its own key prefix.
         args: extra ``tandem serve`` flags.
+        client: TLS of the test's own channels (router, workers, health checks).
+        auth_token: bearer token that :attr:`stub` sends to the router.
+
+    ``tandem serve`` gets :attr:`internal_token` in its environment (as an operator
+    would), so that :meth:`worker_channel` can call workers directly.
     """
 
-    def __init__(self, model_dir: Path, run_dir: Path, redis_url: str, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        run_dir: Path,
+        redis_url: str,
+        args: Sequence[str] = (),
+        *,
+        device: str = "cpu",
+        client: SecurityConfig | None = None,
+        auth_token: str | None = None,
+    ) -> None:
         self.port = free_port()
+        self.client = client or SecurityConfig()
+        self.auth_token = auth_token
+        self.internal_token = secrets.token_urlsafe(16)
         self.cluster_file = run_dir / "cluster.json"
         self.log = run_dir / "serve.log"
         self.cmd = [
             sys.executable, "-m", "cli.main", "serve",
-            "--model", str(model_dir), "--device", "cpu", "--dtype", "float32",
+            "--model", str(model_dir), "--device", device, "--dtype", "float32",
             "--port", str(self.port), "--cluster-file", str(self.cluster_file),
             "--redis-url", redis_url, "--redis-prefix", f"t{self.port}",
             "--run-dir", str(run_dir / "logs"), *args,
@@ -51,7 +72,7 @@ class Stack:
         self.channel: grpc.Channel | None = None
 
     def start(self, timeout_s: float = 180.0) -> Stack:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", INTERNAL_TOKEN_ENV: self.internal_token}
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s
@@ -61,8 +82,17 @@ class Stack:
                 raise RuntimeError(f"tandem serve did not start:\n{self.log.read_text()[-4000:]}")
             time.sleep(0.2)
         self.cluster = json.loads(self.cluster_file.read_text())
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
+        self.channel = self.open_channel(f"127.0.0.1:{self.port}", self.auth_token)
         return self
+
+    def open_channel(self, address: str, token: str | None = None) -> grpc.Channel:
+        """A channel to ``address`` with the client's TLS that sends ``token`` as a bearer token."""
+        channel = open_channel(address, self.client)
+        return grpc.intercept_channel(channel, _Metadata(bearer_metadata(token))) if token else channel
+
+    def worker_channel(self, process: dict[str, Any]) -> grpc.Channel:
+        """A channel to a worker that sends the cluster's internal token."""
+        return self.open_channel(process["grpc_address"], self.internal_token)
 
     def stop(self) -> int | None:
         """SIGTERM ``tandem serve`` and wait for it; returns its exit code."""
@@ -103,18 +133,35 @@ class Stack:
         deadline = time.monotonic() + timeout_s
         while True:
             used = {
-                p["id"]: self.metric(p, "tandem_kv_blocks_used") for p in self.processes("prefill", "decode")
+                p["id"]: self.metric(p, "tandem_kv_blocks_used")
+                for p in self.processes("prefill", "decode", "colocated")
             }
             if not any(used.values()) or time.monotonic() > deadline:
                 return used
             time.sleep(0.2)
 
     def health(self, process: dict[str, Any]) -> int:
-        with grpc.insecure_channel(process["grpc_address"]) as channel:
+        with self.open_channel(process["grpc_address"]) as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=5
             )
         return int(reply.status)
+
+
+class _Metadata(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Appends fixed metadata to every unary and server-streaming call of a blocking channel."""
+
+    def __init__(self, metadata: tuple[tuple[str, str], ...]) -> None:
+        self._metadata = metadata
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), *self._metadata])
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
 
 
 def stream_tokens(

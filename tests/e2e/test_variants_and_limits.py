@@ -90,7 +90,7 @@ def test_router_queue_full_is_resource_exhausted(stack: Stack) -> None:
 
 def test_unfilled_reservation_is_released_when_its_lease_expires(stack: Stack) -> None:
     (decode,) = stack.processes("decode")
-    with grpc.insecure_channel(decode["grpc_address"]) as channel:
+    with stack.worker_channel(decode) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         reply = stub.Reserve(
             worker_pb2.ReserveRequest(request_id="orphan", num_prompt_tokens=20, lease_ms=300), timeout=10
@@ -115,7 +115,7 @@ def test_unfilled_reservation_is_released_when_its_lease_expires(stack: Stack) -
 
 def test_decode_reservation_is_the_credit(stack: Stack) -> None:
     (decode,) = stack.processes("decode")
-    with grpc.insecure_channel(decode["grpc_address"]) as channel:
+    with stack.worker_channel(decode) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         with pytest.raises(grpc.RpcError) as info:  # 64 blocks of 8 tokens: 600 tokens cannot fit
             stub.Reserve(worker_pb2.ReserveRequest(request_id="huge", num_prompt_tokens=600), timeout=10)
@@ -175,7 +175,7 @@ def test_streams_started_together_finish_together(stack: Stack) -> None:
 
 def test_release_by_request_id_frees_a_reservation_whose_id_was_lost(stack: Stack) -> None:
     (decode,) = stack.processes("decode")
-    with grpc.insecure_channel(decode["grpc_address"]) as channel:
+    with stack.worker_channel(decode) as channel:
         stub = worker_pb2_grpc.DecodeWorkerStub(channel)
         stub.Reserve(worker_pb2.ReserveRequest(request_id="lost-1", num_prompt_tokens=9), timeout=10)
         stub.Reserve(worker_pb2.ReserveRequest(request_id="kept-1", num_prompt_tokens=9), timeout=10)

@@ -46,8 +46,10 @@ def burst(policy_name: str, views: list[WorkerView], n: int, tokens: int) -> lis
 
 
 def test_registry_names_and_unknown_policy() -> None:
-    assert policy_names() == ["least-loaded", "round-robin"]
-    with pytest.raises(ValueError, match=r"unknown routing policy 'fastest'.*least-loaded.*round-robin"):
+    assert policy_names() == ["least-loaded", "prefix", "round-robin"]
+    with pytest.raises(
+        ValueError, match=r"unknown routing policy 'fastest'.*least-loaded.*prefix.*round-robin"
+    ):
         get_policy("fastest")
 
 

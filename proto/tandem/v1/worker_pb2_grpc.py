@@ -50,6 +50,11 @@ class DecodeWorkerStub(object):
                 request_serializer=tandem_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
                 _registered_method=True)
+        self.Generate = channel.unary_stream(
+                '/tandem.v1.DecodeWorker/Generate',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.LocalGenerateRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer(object):
@@ -77,6 +82,14 @@ class DecodeWorkerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Generate(self, request, context):
+        """Colocated workers only: computes the prompt and generates every token in
+        this worker (no KV transfer); streams all tokens, the first included.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +107,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Release,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.ReleaseRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.ReleaseResponse.SerializeToString,
+            ),
+            'Generate': grpc.unary_stream_rpc_method_handler(
+                    servicer.Generate,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.LocalGenerateRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +196,33 @@ class DecodeWorker(object):
             '/tandem.v1.DecodeWorker/Release',
             tandem_dot_v1_dot_worker__pb2.ReleaseRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.ReleaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Generate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tandem.v1.DecodeWorker/Generate',
+            tandem_dot_v1_dot_worker__pb2.LocalGenerateRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
