@@ -14,32 +14,13 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any
 
-from cli.options import non_negative_int, positive_float, positive_int
 from cli.security_options import add_client_options, client_security_from_args
+from cli.validators import non_negative_float, non_negative_int, positive_float, positive_int, probability
 
 if TYPE_CHECKING:
     from tandem.v1 import generation_pb2, generation_pb2_grpc
 
 DEFAULT_TARGET = "127.0.0.1:50051"
-
-
-def probability(text: str) -> float:
-    """A float in (0, 1]."""
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return value
-
-
-def non_negative_float(text: str) -> float:
-    """A finite float >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -12,7 +12,6 @@ This module is torch-free: ``tandem --help`` and ``tandem router`` import it.
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from cli.security_options import (
@@ -22,10 +21,19 @@ from cli.security_options import (
     security_config_from_args,
     security_flags,
 )
+from cli.validators import (
+    device_name,
+    model_dir,
+    non_negative_int,
+    port_number,
+    positive_float,
+    positive_int,
+    power_of_two,
+    redis_url,
+)
 from engine.worker_config import BUNDLED_MODEL_DIR, Role, WorkerConfig
 from router.config import RouterConfig
 
-DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")
 KV_TRANSPORTS = ("tcp", "cuda_ipc", "nccl")
@@ -35,81 +43,6 @@ LOAD_FORMATS = (
     "dummy",
 )  # engine.models.loader.LOAD_FORMATS (that module imports torch)
 GIB = 1024**3
-
-
-# --- argparse ``type=`` validators -------------------------------------------------
-
-
-def positive_int(text: str) -> int:
-    """An integer >= 1."""
-    value = _int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    """An integer >= 0."""
-    value = _int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def power_of_two(text: str) -> int:
-    """A positive power of two (1, 2, 4, ...)."""
-    value = positive_int(text)
-    if value & (value - 1):
-        raise argparse.ArgumentTypeError(f"must be a positive power of two, got {text!r}")
-    return value
-
-
-def port_number(text: str) -> int:
-    """A TCP port in [0, 65535]; 0 lets the server pick a free one."""
-    value = _int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """A finite float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
-def device_name(text: str) -> str:
-    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``."""
-    if not DEVICE_PATTERN.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
-    return text
-
-
-def model_dir(text: str) -> Path:
-    """An existing checkpoint directory."""
-    path = Path(text).expanduser()
-    if not path.is_dir():
-        raise argparse.ArgumentTypeError(f"model directory not found: {text!r}")
-    return path
-
-
-def redis_url(text: str) -> str:
-    """A ``redis://``, ``rediss://`` or ``unix://`` URL."""
-    if not text.startswith(("redis://", "rediss://", "unix://")):
-        raise argparse.ArgumentTypeError(f"must be a redis://, rediss:// or unix:// URL, got {text!r}")
-    return text
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
 
 
 # --- option groups ----------------------------------------------------------------

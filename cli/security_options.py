@@ -16,8 +16,8 @@ import os
 import secrets
 import sys
 from collections.abc import Mapping
-from pathlib import Path
 
+from cli.validators import bytes_limit, existing_file, non_negative_float
 from engine.security_config import (
     DEFAULT_MAX_MESSAGE_BYTES,
     INTERNAL_TOKEN_ENV,
@@ -27,34 +27,6 @@ from engine.security_config import (
 )
 
 DEFAULT_DRAIN_TIMEOUT_S = 30.0
-
-
-def existing_file(text: str) -> Path:
-    """A path to a readable file."""
-    path = Path(text).expanduser()
-    if not path.is_file():
-        raise argparse.ArgumentTypeError(f"file not found: {text!r}")
-    return path
-
-
-def _bytes_limit(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
-    if not 1024 <= value <= 2**31 - 1:
-        raise argparse.ArgumentTypeError(f"must be in [1024, 2147483647] bytes, got {text!r}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
 
 
 def _add_tls(group: argparse._ArgumentGroup, *, server: bool) -> None:
@@ -91,14 +63,14 @@ def add_process_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--max-message-bytes",
-        type=_bytes_limit,
+        type=bytes_limit,
         default=DEFAULT_MAX_MESSAGE_BYTES,
         metavar="N",
         help="largest gRPC message sent or received, in bytes (default: %(default)s)",
     )
     group.add_argument(
         "--drain-timeout-s",
-        type=_seconds,
+        type=non_negative_float,
         default=DEFAULT_DRAIN_TIMEOUT_S,
         metavar="S",
         help="on SIGTERM, seconds requests in flight get to finish (default: %(default)s)",

@@ -29,9 +29,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cli.bench import workload
-from cli.generate import non_negative_float, probability
-from cli.options import model_dir, non_negative_int, positive_float, positive_int
 from cli.security_options import add_client_options, client_security_from_args
+from cli.validators import (
+    model_dir,
+    non_negative_float,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    probability,
+)
 from engine.worker_config import BUNDLED_MODEL_DIR
 
 if TYPE_CHECKING:
