@@ -80,8 +80,11 @@ USER 10001:10001
 # router gRPC, prefill gRPC, decode gRPC, decode KV transfer, metrics (router, prefill, decode).
 EXPOSE 50051 50061 50062 50071 9090 9091 9092
 # grpc.health.v1 Check of the overall service ("") at TANDEM_HEALTH_TARGET; exit 0 only when SERVING.
+# With TLS on, point TANDEM_HEALTH_TLS_CA at the CA that signed the server's certificate (whose
+# names must include the target's host), and under mutual TLS TANDEM_HEALTH_TLS_CERT and
+# TANDEM_HEALTH_TLS_KEY at a client certificate: the same files as the --tls-* flags.
 # (Kubernetes ignores HEALTHCHECK: the chart uses native gRPC probes.)
 HEALTHCHECK --interval=15s --timeout=6s --start-period=300s --retries=3 \
-  CMD python3 -c "import os,sys,grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; ch=grpc.insecure_channel(os.environ['TANDEM_HEALTH_TARGET']); r=g.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"
+  CMD python3 -c "import os,sys,grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; e=os.environ.get; pem=lambda k: open(e(k),'rb').read() if e(k) else None; t=e('TANDEM_HEALTH_TARGET'); tls=e('TANDEM_HEALTH_TLS_CA') or e('TANDEM_HEALTH_TLS_CERT'); ch=grpc.secure_channel(t, grpc.ssl_channel_credentials(pem('TANDEM_HEALTH_TLS_CA'), pem('TANDEM_HEALTH_TLS_KEY'), pem('TANDEM_HEALTH_TLS_CERT'))) if tls else grpc.insecure_channel(t); r=g.HealthStub(ch).Check(h.HealthCheckRequest(service=''), timeout=5); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"
 ENTRYPOINT ["tandem"]
 CMD ["serve", "--host", "0.0.0.0"]

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import itertools
 import json
 import os
 import platform
@@ -147,15 +148,19 @@ def _synchronize(device: str) -> None:
 def run_engine(
     args: argparse.Namespace, model_dir: Path, dtype: str, batches: dict[int, list[list[int]]]
 ) -> dict[int, tuple[Measurement, list[list[int]]]]:
-    """Time ``engine.LLM`` on every batch (one engine, KV cache sized for the largest batch)."""
+    """Time ``engine.LLM`` on every batch (one engine, KV cache sized for the largest batch);
+    with ``--profile`` also fill ``args.profile_report`` (see :func:`profile_engine`)."""
     largest = max(batches)
     blocks_per_seq = -(-(args.prompt_len + args.output_len) // args.block_size)
+    num_kv_blocks = largest * blocks_per_seq
+    if args.profile:
+        num_kv_blocks = max(num_kv_blocks, max(PROFILE_DECODE_BATCHES) * -(-1088 // args.block_size))
     llm = LLM(
         model_dir,
         dtype=dtype,
         device=args.device,
         block_size=args.block_size,
-        num_kv_blocks=largest * blocks_per_seq,
+        num_kv_blocks=num_kv_blocks,
         max_num_seqs=largest,
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format=args.load_format,
@@ -166,7 +171,96 @@ def run_engine(
     def generate(prompts: list[list[int]]) -> list[list[int]]:
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
-    return time_batches(generate, batches, args.device, args.repeats)
+    results = time_batches(generate, batches, args.device, args.repeats)
+    if args.profile:
+        args.profile_report = profile_engine(llm, args)
+    return results
+
+
+#: Batch sizes of the decode-step profile (1k-token context).
+PROFILE_DECODE_BATCHES = (1, 64)
+
+
+def profile_engine(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
+    """Decode step time against the bandwidth floor, prefill FLOP rate against the
+    matmul rate, and host time per decode step the GPU waits for (CUDA only).
+
+    - Ceilings (same run): 1 GiB device copy bandwidth, 8192^3 bfloat16 matmul.
+    - Decode: prompts of 1024 tokens, 32 greedy tokens; per decode step the GPU
+      time (CUDA events from the graph launch, after the host builds the inputs,
+      to the sampled tokens; median over steps); the
+      floor is (non-embedding weight bytes + KV bytes read at the mean context
+      of 1040 tokens) / copy bandwidth.
+    - Host time not overlapped: median over decode steps of (period between
+      consecutive step starts - GPU time of the step).
+    - Prefill: 8 prompts x 2048 tokens, one output token; model FLOPs
+      (2 x non-embedding parameters per token + causal attention) over the GPU
+      time of the prefill steps.
+    """
+    from bench.kernels import copy_bandwidth, matmul_flops
+
+    runner = llm.runner
+    bandwidth, matmul = copy_bandwidth(), matmul_flops()
+    config = runner.model_config
+    params = [(n, p) for n, p in runner.model.named_parameters() if "embed_tokens" not in n]  # type: ignore[attr-defined]
+    weight_bytes = sum(p.numel() * p.element_size() for _, p in params)
+    weight_params = sum(p.numel() for _, p in params)
+    kv_bytes_per_token = runner.kv_cache_bytes_per_block // runner.block_size
+    greedy = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    report: dict[str, Any] = {
+        "copy_bandwidth_bytes_per_s": bandwidth,
+        "matmul_bf16_flops_per_s": matmul,
+        "cuda_graphs": runner.graphs is not None,
+        "cuda_graph_capture_s": runner.graphs.capture_seconds if runner.graphs else None,
+        "cuda_graph_memory_bytes": runner.graphs.capture_memory_bytes if runner.graphs else None,
+        "cuda_graph_batch_sizes": runner.graphs.batch_sizes if runner.graphs else None,
+        "attention_backend": runner.attention_backend,
+        "fused_ops": runner.fused_ops,
+        "decode": [],
+    }
+    for batch in PROFILE_DECODE_BATCHES:
+        prompts = random_prompts(batch, 1024, config.vocab_size, args.seed + 7)
+        llm.generate(prompts, greedy, use_tqdm=False)  # warm-up
+        runner.step_timings = []
+        llm.generate(prompts, greedy, use_tqdm=False)
+        steps, runner.step_timings = runner.step_timings, None
+        decode = [s for s in steps if s.decode and s.num_seqs == batch]
+        gpu_s = statistics.median(s.gpu_s for s in decode)
+        idle = [b.started_s - a.started_s - a.gpu_s for a, b in itertools.pairwise(decode)]
+        floor_s = (weight_bytes + batch * 1040 * kv_bytes_per_token) / bandwidth
+        report["decode"].append(
+            {
+                "batch_size": batch,
+                "context": 1040,
+                "step_gpu_s": gpu_s,
+                "step_wall_s": statistics.median(s.wall_s for s in decode),
+                "prepare_s": statistics.median(s.prepare_s for s in decode),
+                "host_not_overlapped_s": statistics.median(idle),
+                "floor_s": floor_s,
+                "ratio_to_floor": gpu_s / floor_s,
+                "graph": all(s.graph for s in decode),
+            }
+        )
+    prompts = random_prompts(8, 2048, config.vocab_size, args.seed + 8)
+    one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, one, use_tqdm=False)  # warm-up
+    runner.step_timings = []
+    llm.generate(prompts, one, use_tqdm=False)
+    steps, runner.step_timings = runner.step_timings, None
+    prefill_s = sum(s.gpu_s for s in steps if not s.decode)
+    heads_dim = config.num_attention_heads * config.head_dim
+    attention_flops = config.num_hidden_layers * 8 * 4 * heads_dim * 2048 * 2049 / 2
+    flops = 2 * weight_params * 8 * 2048 + attention_flops
+    report["prefill"] = {
+        "prompts": 8,
+        "prompt_len": 2048,
+        "gpu_s": prefill_s,
+        "steps": sum(not s.decode for s in steps),
+        "flops": flops,
+        "flops_per_s": flops / prefill_s,
+        "ratio_to_matmul": flops / prefill_s / matmul,
+    }
+    return report
 
 
 def run_transformers(
@@ -261,11 +355,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of dummy weights")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="CUDA: also measure decode step vs bandwidth floor, prefill vs matmul rate, host overhead",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         help="JSON output (default: bench/results/engine_throughput_<device>_<model>.json)",
     )
     args = parser.parse_args(argv)
+    args.profile_report = None
+    if args.profile and not resolve_device(args.device).startswith("cuda"):
+        parser.error("--profile needs a CUDA device")
     if args.config_only_shape is not None:
         args.load_format = "dummy"
     if min(args.batch_sizes) < 1 or args.prompt_len < 1 or args.output_len < 1 or args.repeats < 1:
@@ -312,10 +414,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "environment": env,
         "results": [_row(b, measured, args.load_format) for b in batches],
     }
+    if args.profile_report is not None:
+        report["profile"] = args.profile_report
     out = args.out or RESULTS_DIR / f"engine_throughput_{args.device.split(':')[0]}_{model_name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print_table(report)
+    if args.profile_report is not None:
+        Console().print_json(json.dumps(args.profile_report))
     Console().print(f"wrote {out}")
     return report
 

@@ -12,6 +12,7 @@ This module is torch-free: ``tandem --help`` and ``tandem router`` import it.
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from cli.security_options import (
@@ -31,17 +32,19 @@ from cli.validators import (
     power_of_two,
     redis_url,
 )
+from engine.security_config import REDIS_URL_ENV, redis_url_env
 from engine.worker_config import BUNDLED_MODEL_DIR, Role, WorkerConfig
 from router.config import RouterConfig
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 ROUTING_POLICIES = ("prefix", "least-loaded", "round-robin")
-KV_TRANSPORTS = ("tcp", "cuda_ipc", "nccl")
+KV_TRANSPORTS = ("auto", "cuda_ipc", "nccl", "tcp")
 LOAD_FORMATS = (
     "auto",
     "safetensors",
     "dummy",
 )  # engine.models.loader.LOAD_FORMATS (that module imports torch)
+KERNEL_CHOICES = ("auto", "triton", "torch")
 GIB = 1024**3
 
 
@@ -86,6 +89,18 @@ def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -
         default=WorkerConfig.load_format,
         help="auto or safetensors reads the checkpoint's weights; dummy builds random weights "
         "from config.json alone, identical on every worker with the same --seed (default: %(default)s)",
+    )
+    group.add_argument(
+        "--kernels",
+        choices=KERNEL_CHOICES,
+        default=WorkerConfig.kernels,
+        help="auto runs the Triton kernels (attention, RMSNorm, RoPE, SiLU) on CUDA and torch on CPU; "
+        "torch forces the reference path, for comparison (default: %(default)s)",
+    )
+    group.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="never capture CUDA graphs for decode steps (default: capture on CUDA)",
     )
     cache = parser.add_argument_group("KV cache")
     cache.add_argument(
@@ -132,13 +147,13 @@ def add_network_options(
         help="Prometheus /metrics port; 0 picks a free one (default: %(default)s)",
     )
     redis_help = (
-        "Redis server of the worker registry (default: %(default)s)"
+        f"Redis server of the worker registry (default: ${REDIS_URL_ENV}, else {redis_url_default})"
         if redis_url_default
-        else "use this Redis server instead of starting one (default: start a private redis-server)"
+        else f"use this Redis server instead of starting one (default: ${REDIS_URL_ENV}, else start a "
+        "private redis-server)"
     )
-    group.add_argument(
-        "--redis-url", type=redis_url, default=redis_url_default, metavar="URL", help=redis_help
-    )
+    redis_help += f"; a URL with a password belongs in ${REDIS_URL_ENV}: flags show in ps"
+    group.add_argument("--redis-url", type=redis_url, default=None, metavar="URL", help=redis_help)
     group.add_argument(
         "--redis-prefix",
         default=WorkerConfig.redis_prefix,
@@ -178,7 +193,17 @@ def add_worker_options(parser: argparse.ArgumentParser, *, role: Role | None) ->
         "--kv-transport",
         choices=KV_TRANSPORTS,
         default=WorkerConfig.kv_transport,
-        help="KV transfer backend (default: %(default)s)",
+        help="KV transfer backend: cuda_ipc (GPUs of one host), nccl (torch.distributed, across hosts; "
+        "gloo on CPU), tcp (CPU, any host), auto (decided per worker pair at the KV handshake: cuda_ipc on "
+        "one host with GPUs, nccl across hosts, tcp on CPU) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--kv-transfer-layers-per-message",
+        type=int,
+        default=WorkerConfig.kv_transfer_layers_per_message,
+        help="layer-wise KV streaming: a prefill worker sends the KV of this many layers per message as "
+        "soon as they are computed, overlapping the transfer with the rest of the prefill; 0 sends the "
+        "whole prompt in one message after the forward (default: %(default)s)",
     )
     group.add_argument(
         "--lease-ms",
@@ -263,6 +288,21 @@ def add_router_options(parser: argparse.ArgumentParser, *, standalone: bool = Tr
             metavar="MS",
             help="lease asked of decode workers for each reservation, in ms (default: %(default)s)",
         )
+    group.add_argument(
+        "--migrate-on-failure",
+        action="store_true",
+        help="when a decode worker dies mid-stream, resume the request on another decode worker by "
+        "prefilling the prompt plus the tokens generated so far (default: the stream ends with "
+        "UNAVAILABLE)",
+    )
+    group.add_argument(
+        "--max-prefill-retries",
+        type=non_negative_int,
+        default=RouterConfig.max_prefill_retries,
+        metavar="N",
+        help="other prefill workers tried when a prefill worker fails with UNAVAILABLE before the KV "
+        "transfer completed (default: %(default)s)",
+    )
 
 
 # --- namespace -> config -> flags ---------------------------------------------------
@@ -287,10 +327,11 @@ def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfi
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
-        redis_url=args.redis_url or WorkerConfig.redis_url,
+        redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV) or WorkerConfig.redis_url,
         redis_prefix=args.redis_prefix,
         worker_id=getattr(args, "worker_id", None),
         kv_transport=args.kv_transport,
+        kv_transfer_layers_per_message=args.kv_transfer_layers_per_message,
         transfer_port=getattr(args, "transfer_port", WorkerConfig.transfer_port),
         lease_ms=args.lease_ms,
         max_num_seqs=args.max_num_seqs,
@@ -298,6 +339,8 @@ def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfi
         max_queue_len=args.max_queue_len,
         seed=args.seed,
         load_format=args.load_format,
+        kernels=args.kernels,
+        enforce_eager=args.enforce_eager,
         colocated=getattr(args, "colocated", False),
         enable_prefix_caching=args.enable_prefix_caching,
         security=security_config_from_args(args, public=False),
@@ -312,7 +355,7 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         host=args.host,
         port=args.port,
         metrics_port=args.metrics_port,
-        redis_url=args.redis_url or RouterConfig.redis_url,
+        redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV) or RouterConfig.redis_url,
         redis_prefix=args.redis_prefix,
         max_model_len=args.max_model_len,
         routing=args.routing,
@@ -321,7 +364,15 @@ def router_config_from_args(args: argparse.Namespace) -> RouterConfig:
         max_prompt_tokens=args.max_prompt_tokens,
         security=security_config_from_args(args, public=True),
         drain_timeout_s=args.drain_timeout_s,
+        migrate_on_failure=args.migrate_on_failure,
+        max_prefill_retries=args.max_prefill_retries,
     )
+
+
+def redis_url_flags(url: str) -> list[str]:
+    """``["--redis-url", url]``, or nothing when ``url`` holds a password: that one travels in
+    the environment (:func:`engine.security_config.redis_url_env`), since flags show in ``ps``."""
+    return [] if redis_url_env(url) else ["--redis-url", url]
 
 
 def worker_flags(config: WorkerConfig) -> list[str]:
@@ -338,15 +389,17 @@ def worker_flags(config: WorkerConfig) -> list[str]:
         *("--host", config.host),
         *("--port", str(config.port)),
         *("--metrics-port", str(config.metrics_port)),
-        *("--redis-url", config.redis_url),
+        *redis_url_flags(config.redis_url),
         *("--redis-prefix", config.redis_prefix),
         *("--kv-transport", config.kv_transport),
+        *("--kv-transfer-layers-per-message", str(config.kv_transfer_layers_per_message)),
         *("--lease-ms", str(config.lease_ms)),
         *("--max-num-seqs", str(config.max_num_seqs)),
         *("--max-num-batched-tokens", str(config.max_num_batched_tokens)),
         *("--max-queue-len", str(config.max_queue_len)),
         *("--seed", str(config.seed)),
         *("--load-format", config.load_format),
+        *("--kernels", config.kernels),
     ]
     if config.max_model_len is not None:
         flags += ["--max-model-len", str(config.max_model_len)]
@@ -356,6 +409,8 @@ def worker_flags(config: WorkerConfig) -> list[str]:
         flags += ["--worker-id", config.worker_id]
     if config.role == "decode":
         flags += ["--transfer-port", str(config.transfer_port)]
+    if config.enforce_eager:
+        flags += ["--enforce-eager"]
     if config.colocated:
         flags += ["--colocated"]
     if not config.enable_prefix_caching:
@@ -371,12 +426,16 @@ def router_flags(config: RouterConfig) -> list[str]:
         *("--host", config.host),
         *("--port", str(config.port)),
         *("--metrics-port", str(config.metrics_port)),
-        *("--redis-url", config.redis_url),
+        *redis_url_flags(config.redis_url),
         *("--redis-prefix", config.redis_prefix),
         *("--routing", config.routing),
         *("--max-queue-len", str(config.max_queue_len)),
         *("--lease-ms", str(config.lease_ms)),
     ]
+    if config.max_prefill_retries != RouterConfig.max_prefill_retries:
+        flags += ["--max-prefill-retries", str(config.max_prefill_retries)]
+    if config.migrate_on_failure:
+        flags += ["--migrate-on-failure"]
     if config.max_model_len is not None:
         flags += ["--max-model-len", str(config.max_model_len)]
     if config.max_prompt_tokens is not None:

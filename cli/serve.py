@@ -48,7 +48,7 @@ from cli.options import (
     worker_flags,
 )
 from cli.security_options import cluster_security
-from engine.security_config import redact_url
+from engine.security_config import REDIS_URL_ENV, redact_url, redis_url_env
 from engine.worker_config import Role
 
 if TYPE_CHECKING:
@@ -209,17 +209,18 @@ def run(args: argparse.Namespace, *, command_builder: CommandBuilder = default_c
     print(f"tandem serve: logs in {run_dir}/", flush=True)
     # Secrets (the internal token, generated per run, and bearer tokens) reach the
     # children in their environment, never on a command line.
+    # So does a Redis URL with a password.
     security = cluster_security(args)
-    supervisor = Supervisor(
-        run_dir, grace_s=args.drain_timeout_s + GRACE_S, env=security.secret_env(), security=security
-    )
+    user_redis_url = args.redis_url or os.environ.get(REDIS_URL_ENV)
+    env = {**security.secret_env(), **redis_url_env(user_redis_url or "")}
+    supervisor = Supervisor(run_dir, grace_s=args.drain_timeout_s + GRACE_S, env=env, security=security)
     redis: RedisProcess | None = None
     wrote_cluster_file = False
     with _stop_on_signals() as stop:
         try:
-            if args.redis_url is None:
+            if user_redis_url is None:
                 redis = start_redis(run_dir)
-            redis_url = args.redis_url or (redis.url if redis else "")
+            redis_url = user_redis_url or (redis.url if redis else "")
             for spec in plan_cluster(args, redis_url, command_builder=command_builder):
                 supervisor.spawn(spec)
             if not supervisor.wait_serving(args.startup_timeout, stop):

@@ -15,7 +15,8 @@ from decode_service.service import DecodeService
 from engine.worker_config import WorkerConfig
 from engine.worker_runtime import WorkerRole, WorkerRuntime, run_worker
 from kvtransfer.base import KvReceiver
-from kvtransfer.registry import get_backend
+from kvtransfer.registry import get_backend, receiver_backend
+from kvtransfer.tcp import TcpKvReceiver, server_ssl_context
 from tandem.v1 import worker_pb2, worker_pb2_grpc
 
 SERVICE_NAME = worker_pb2.DESCRIPTOR.services_by_name["DecodeWorker"].full_name
@@ -38,7 +39,11 @@ class DecodeRole(WorkerRole):
 
     async def start(self, runtime: WorkerRuntime) -> tuple[str, str]:
         config = runtime.config
-        _sender_cls, receiver_cls = get_backend(config.kv_transport)
+        transport = receiver_backend(config.kv_transport, runtime.runner.kv_cache)  # auto on CPU = tcp
+        _sender_cls, receiver_cls = get_backend(transport)
+        tls = {}  # the tcp backend crosses hosts: TLS with the worker's gRPC certificates
+        if issubclass(receiver_cls, TcpKvReceiver):
+            tls = {"ssl_context": server_ssl_context(config.security.tls)}
         self.receiver = receiver_cls(
             runtime.runner.kv_cache,
             runtime.layout,
@@ -46,11 +51,12 @@ class DecodeRole(WorkerRole):
             0,
             host=config.host,
             port=config.transfer_port,
+            **tls,
         )
         address = await self.receiver.start()
         assert self.service is not None
         self.service.attach(self.receiver, address)
-        return config.kv_transport, address
+        return transport, address
 
     def on_registered(self, runtime: WorkerRuntime) -> None:
         assert self.receiver is not None

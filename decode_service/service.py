@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 import grpc
 
@@ -92,7 +93,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             epoch=self._rt.epoch,
             reservation_id=rid,
             block_ids=tuple(block_ids),
-            transport=self._rt.config.kv_transport,
+            transport=self.receiver.name,
             transfer_address=self._receiver_address,
             layout=self._rt.layout,
             lease_expires_unix_ms=reservation.expires_unix_ms,
@@ -135,8 +136,15 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._rt.spawn(self._free_reservation(reservation.reservation_id))
 
     async def _free_reservation(self, rid: str) -> None:
+        """Forget ``rid`` and free its blocks once no KV sender can write them any more
+        (``KvReceiver.quiesce``); shielded, so a cancelled ``Release`` still frees them."""
         self.receiver.forget(rid)
-        await self._rt.loop.call(lambda c: c.scheduler.release_reservation(rid))
+
+        async def free() -> None:
+            await self.receiver.quiesce(rid)
+            await self._rt.loop.call(lambda c: c.scheduler.release_reservation(rid))
+
+        await asyncio.shield(free())
 
     async def Decode(
         self, request: worker_pb2.DecodeRequest, context: grpc.aio.ServicerContext
@@ -154,21 +162,20 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
             with span("decode.admission"):  # KV arrived, joins the batch
                 received = await self.receiver.wait_complete(rid, timeout_s=min(timeout_s, 600.0))
-                self._rt.metrics.kv_transfer_bytes.labels(backend=self._rt.config.kv_transport).inc(
-                    received.num_bytes
-                )
+                self._rt.metrics.kv_transfer_bytes.labels(backend=self.receiver.name).inc(received.num_bytes)
                 annotate({"kv.bytes": received.num_bytes, "kv.blocks": len(received.block_ids)})
                 req = Request(
                     req_id=rid,
                     prompt_token_ids=list(request.prompt_token_ids),
-                    sampling=sampling,
+                    sampling=replace(sampling, prompt_logprobs=None),  # the prefill worker computed those
                     eos_token_ids=self._rt.eos_token_ids,
+                    priority=request.priority,
                 )
-                first = request.first_token_id
-                start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_request(req, first))
+                firsts = list(request.first_token_ids) or [request.first_token_id]
+                start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_completions(req, firsts))
             with span("decode.generate"):  # the request's life in the batch
                 n_tokens = 0
-                async for out in self._outputs(start, queue):
+                async for out in self._outputs(start, queue, sampling.n):
                     n_tokens += len(out.new_token_ids)
                     self._rt.metrics.generation_tokens.inc(len(out.new_token_ids))
                     if out.finished:
@@ -177,6 +184,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                         token_ids=out.new_token_ids,
                         finish_reason=finish_reason_to_pb(out.finish_reason),
                         logprobs=logprobs_list_to_pb(out.logprobs),
+                        index=out.index,
                     )
         except TandemError as exc:
             await abort_with(context, exc)
@@ -199,13 +207,16 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 prompt_token_ids=list(request.prompt_token_ids),
                 sampling=sampling_params_from_pb(request.sampling),
                 eos_token_ids=self._rt.eos_token_ids,
+                priority=request.priority,
             )
             await self._rt.loop.call(lambda c: c.add_request(req))
-            async for out in self._outputs(None, queue):
+            async for out in self._outputs(None, queue, req.sampling.n):
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason_to_pb(out.finish_reason),
                     logprobs=logprobs_list_to_pb(out.logprobs),
+                    index=out.index,
+                    prompt_logprobs=logprobs_list_to_pb(out.prompt_logprobs or []),
                 )
         except TandemError as exc:
             await abort_with(context, exc)
@@ -214,19 +225,22 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             self._rt.spawn(self._abort(rid))
 
     async def _outputs(
-        self, start: EngineOutput | None, queue: asyncio.Queue[EngineOutput]
+        self, start: list[EngineOutput] | None, queue: asyncio.Queue[EngineOutput], n: int = 1
     ) -> AsyncIterator[EngineOutput]:
-        """``start`` (when given), then the request's outputs until the finished one."""
-        if start is not None and start.finished:
-            yield start
-            return
-        while True:
+        """The completions already finished in ``start`` (when given), then the request's
+        outputs until each of its ``n`` completions has finished."""
+        finished: set[int] = set()
+        for out in start or []:
+            if out.finished:
+                finished.add(out.index)
+                yield out
+        while len(finished) < n:
             out = await queue.get()
             if isinstance(out, BaseException):
                 raise out
             yield out
             if out.finished:
-                return
+                finished.add(out.index)
 
     async def _abort(self, rid: str) -> None:
         """Free whatever ``rid`` still holds: its reservation, or the running request
@@ -238,4 +252,5 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 core.abort_request(rid)
 
         with contextlib.suppress(Exception):
+            await self.receiver.quiesce(rid)
             await self._rt.loop.call(abort)

@@ -12,7 +12,9 @@ A sequence is a prefill chunk (several tokens, possibly after a cached prefix
 of ``num_computed_tokens[i]`` tokens) or a decode (one token); both kinds mix
 in one batch. :class:`AttentionMetadata` carries everything an attention
 implementation needs; implementations are :class:`AttentionBackend` objects
-looked up by name (``"torch"`` here; Triton kernels register later).
+looked up by name: ``"torch"`` (reference, any device) and ``"triton"``
+(the kernels of :mod:`kernels`, CUDA, or CPU under ``TRITON_INTERPRET=1``);
+:func:`resolve_attention_backend` turns ``"auto"`` into one of them.
 """
 
 from __future__ import annotations
@@ -95,7 +97,8 @@ class AttentionMetadata:
         query_start_loc_cpu: host copy of ``query_start_loc``.
         seq_lens_cpu: host copy of ``seq_lens``.
         max_query_len: longest new-token run in the batch (tokens).
-        max_seq_len: longest context in the batch (tokens).
+        max_seq_len: longest context in the batch (tokens), or an upper bound on
+            it (a CUDA graph captures with ``max_model_len``).
     """
 
     slot_mapping: torch.Tensor
@@ -297,3 +300,60 @@ def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> 
 
 
 register_attention_backend(TorchAttentionBackend.name, TorchAttentionBackend)
+
+
+class TritonAttentionBackend:
+    """Triton kernels (:mod:`kernels`): KV writes by slot mapping, paged decode
+    attention (GQA-grouped, split along the context) when every sequence has one
+    new token, and variable-length prefill attention over the paged cache
+    otherwise. Negative slots skip the write (padding rows of a CUDA graph).
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from kernels.paged_decode_attention import paged_decode_attention
+        from kernels.prefill_attention import prefill_attention
+        from kernels.write_kv import write_kv as write_kv_kernel
+
+        self._decode = paged_decode_attention
+        self._prefill = prefill_attention
+        self._write_kv = write_kv_kernel
+
+    def write_kv(
+        self, layer_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, metadata: AttentionMetadata
+    ) -> None:
+        """See :meth:`AttentionBackend.write_kv`."""
+        self._write_kv(layer_cache, k, v, metadata.slot_mapping)
+
+    def forward(
+        self, q: torch.Tensor, layer_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
+        """See :meth:`AttentionBackend.forward`."""
+        if metadata.max_query_len == 1 and q.shape[0] == metadata.block_tables.shape[0]:
+            return self._decode(
+                q, layer_cache, metadata.block_tables, metadata.seq_lens, scale, metadata.max_seq_len
+            )
+        return self._prefill(
+            q,
+            layer_cache,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.query_start_loc,
+            scale,
+            metadata.max_query_len,
+        )
+
+
+register_attention_backend(TritonAttentionBackend.name, TritonAttentionBackend)
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    """``"auto"`` -> ``"triton"`` on CUDA when triton is installed, else ``"torch"``;
+    other names pass through (checked by :func:`get_attention_backend`)."""
+    if name != "auto":
+        return name
+    import importlib.util
+
+    has_triton = importlib.util.find_spec("triton") is not None
+    return "triton" if device.type == "cuda" and has_triton else "torch"

@@ -35,6 +35,10 @@ class TokenLogprobs:
     top_logprobs: tuple[tuple[int, float], ...] = ()
 
 
+#: What sampling one row gives: the token id, or its :class:`TokenLogprobs`.
+SampleResult = int | TokenLogprobs
+
+
 def sampled_token_id(result: int | TokenLogprobs) -> int:
     """The token id of one sampled result (a plain id or a :class:`TokenLogprobs`)."""
     return result.token_id if isinstance(result, TokenLogprobs) else result
@@ -63,6 +67,16 @@ class SequenceInput:
         output_token_ids: the tokens generated before this step (repetition,
             presence and frequency penalties). Both may be the scheduler's own
             lists: read them during the step only, never modify them.
+        prompt_logprobs: OUTPUT, filled by the runner when
+            ``sampling.prompt_logprobs`` is set and the slice computes prompt
+            tokens: the log-probabilities of prompt tokens ``start_pos + 1 ..
+            min(end_pos, len(prompt_token_ids) - 1)`` (each predicted by the
+            row before it), in order; ``None`` otherwise.
+        samples: OUTPUT, filled by the sampler when ``sample`` is set and
+            ``sampling.n`` > 1 (the prompt of a request with ``n``
+            completions): completion ``i``'s first token at index ``i``,
+            sampled with ``sampling.for_child(i)``; the runner's result for
+            the input is ``samples[0]``. ``None`` otherwise.
     """
 
     req_id: str
@@ -74,6 +88,8 @@ class SequenceInput:
     output_index: int = 0
     prompt_token_ids: Sequence[int] = ()
     output_token_ids: Sequence[int] = ()
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    samples: list[SampleResult] | None = None
 
     @property
     def is_prefill(self) -> bool:

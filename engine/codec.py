@@ -24,7 +24,7 @@ def sampling_params_from_pb(pb: generation_pb2.SamplingParams) -> SamplingParams
 
     Zero values mean defaults: ``max_tokens`` 0 → 16, ``top_k`` and ``min_p`` 0
     → off, ``repetition_penalty`` 0 → 1.0 (off), ``logprobs`` 0 → ``None`` (no
-    log-probabilities), ``n`` 0 → 1. ``top_p`` unset means 1.0 and, when set,
+    log-probabilities), ``n`` 0 → 1, ``prompt_logprobs`` 0 → ``None``. ``top_p`` unset means 1.0 and, when set,
     must lie in (0, 1].
 
     Raises:
@@ -45,14 +45,15 @@ def sampling_params_from_pb(pb: generation_pb2.SamplingParams) -> SamplingParams
         stop_token_ids=tuple(pb.stop_token_ids),
         logprobs=pb.logprobs or None,
         n=pb.n or 1,
+        prompt_logprobs=pb.prompt_logprobs or None,
     )
 
 
 def sampling_params_to_pb(params: SamplingParams) -> generation_pb2.SamplingParams:
     """The wire form of ``params`` (inverse of :func:`sampling_params_from_pb`).
 
-    ``logprobs=0`` (the sampled token's log-probability only) has no wire form
-    and travels as 0, i.e. no log-probabilities.
+    ``logprobs=0`` and ``prompt_logprobs=0`` (the actual token's
+    log-probability only) have no wire form and travel as 0, i.e. none.
     """
     pb = generation_pb2.SamplingParams(
         max_tokens=params.max_tokens,
@@ -68,6 +69,7 @@ def sampling_params_to_pb(params: SamplingParams) -> generation_pb2.SamplingPara
         stop_token_ids=list(params.stop_token_ids),
         logprobs=params.logprobs or 0,
         n=params.n,
+        prompt_logprobs=params.prompt_logprobs or 0,
     )
     if params.seed is not None:
         pb.seed = params.seed

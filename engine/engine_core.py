@@ -8,7 +8,7 @@ one thread (``engine/engine_loop.py``).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from engine.batch import SequenceInput, TokenLogprobs
@@ -23,7 +23,13 @@ class ModelExecutor(Protocol):
 
     def execute(self, seqs: list[SequenceInput]) -> Sequence[int | TokenLogprobs | None]:
         """Compute ``seqs`` in one pass; return per input the sampled token id, or its
-        :class:`TokenLogprobs` when the request asked for them (``None`` if not sampled)."""
+        :class:`TokenLogprobs` when the request asked for them (``None`` if not sampled).
+        For the prompt of an ``n`` > 1 request also fill ``SequenceInput.samples``."""
+        ...
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        """Copy the keys and values of block ``src`` into block ``dst`` in every layer,
+        for each ``(src, dst)`` in order (copy-on-write of forked completions)."""
         ...
 
 
@@ -40,14 +46,17 @@ class EngineCore:
         self.runner = runner
         #: Tokens computed by the last step (0: nothing could be scheduled).
         self.last_num_scheduled_tokens = 0
+        #: Called with a step's inputs right before they are computed (layer-wise KV streaming).
+        self.before_execute: Callable[[list[SequenceInput]], None] | None = None
 
     def add_request(self, request: Request) -> None:
         """Queue a request (see :meth:`Scheduler.add_request` for the errors raised)."""
         self.scheduler.add_request(request)
 
-    def abort_request(self, req_id: str) -> bool:
-        """Drop a request wherever it is and free its blocks; returns whether it was known."""
-        return self.scheduler.abort_request(req_id)
+    def abort_request(self, req_id: str, index: int | None = None) -> bool:
+        """Drop a request (or only its completion ``index``) wherever it is and free its
+        blocks; returns whether it was known."""
+        return self.scheduler.abort_request(req_id, index)
 
     def has_unfinished_requests(self) -> bool:
         """Whether a step would have work (waiting or running requests)."""
@@ -59,5 +68,9 @@ class EngineCore:
         self.last_num_scheduled_tokens = scheduler_output.total_num_scheduled_tokens
         if not scheduler_output.seqs:
             return []
+        if scheduler_output.blocks_to_copy:
+            self.runner.copy_blocks(scheduler_output.blocks_to_copy)
+        if self.before_execute is not None:
+            self.before_execute(scheduler_output.seqs)
         sampled = self.runner.execute(scheduler_output.seqs)
         return self.scheduler.update_from_output(scheduler_output, sampled)

@@ -14,6 +14,13 @@ longest run of cached leading blocks (:meth:`KVCacheManager.find_cached_prefix`)
 is shared (reference count + 1) instead of computed. Freed blocks keep their
 hash at reference count 0 and are evicted least recently freed first, when the
 pool hands them out again.
+
+Forking (``n`` > 1 completions): :meth:`KVCacheManager.fork` gives every
+completion a block table sharing all of the prompt's blocks (reference counts,
+no copy). A completion about to write into a block that others still hold
+(the prompt's last, partially filled block) first takes a private copy
+(:meth:`KVCacheManager.copy_on_write`); the runner copies the block's keys and
+values. The last holder writes in place, so every block is freed exactly once.
 """
 
 from __future__ import annotations
@@ -71,7 +78,11 @@ class KVCacheManager:
         return max(cdiv(num_tokens, self.block_size) - held, 0)
 
     def can_allocate(
-        self, num_tokens: int, req_id: str | None = None, cached_blocks: Sequence[KVCacheBlock] = ()
+        self,
+        num_tokens: int,
+        req_id: str | None = None,
+        cached_blocks: Sequence[KVCacheBlock] = (),
+        write_pos: int | None = None,
     ) -> bool:
         """Whether :meth:`allocate` for ``num_tokens`` tokens would succeed now.
 
@@ -80,8 +91,12 @@ class KVCacheManager:
             req_id: the request (blocks it already holds count); ``None`` for a new one.
             cached_blocks: cached leading blocks a new request would share
                 (from :meth:`find_cached_prefix`); free ones leave the free queue.
+            write_pos: first position the step writes; counts the block that
+                :meth:`copy_on_write` would need there.
         """
         needed = self.num_blocks_needed(num_tokens, req_id) - len(cached_blocks)
+        if req_id is not None and write_pos is not None:
+            needed += self.num_copy_on_write_blocks(req_id, write_pos)
         taken = sum(1 for b in cached_blocks if b.ref_cnt == 0)
         return needed <= self.block_pool.num_free_blocks - taken
 
@@ -179,6 +194,53 @@ class KVCacheManager:
             hashes.append(parent)
             if blocks[i].block_hash is None:
                 self.block_pool.cache_full_block(blocks[i], parent)
+
+    def fork(self, parent_id: str, child_ids: Sequence[str]) -> None:
+        """Hand ``parent_id``'s block table to each of ``child_ids``, sharing every block.
+
+        Each block gains ``len(child_ids) - 1`` references; the parent's table ends.
+
+        Raises:
+            KeyError: ``parent_id`` owns no block table.
+        """
+        blocks = self._blocks.pop(parent_id)
+        hashes = self._hashes.pop(parent_id, [])
+        for child_id in child_ids:
+            assert child_id not in self._blocks, f"{child_id} already holds blocks"
+            self.block_pool.touch(blocks)
+            self._blocks[child_id] = list(blocks)
+            self._hashes[child_id] = list(hashes)
+        self.block_pool.free_blocks(reversed(blocks))
+
+    def num_copy_on_write_blocks(self, req_id: str, write_pos: int) -> int:
+        """1 when the block holding position ``write_pos`` of ``req_id`` is shared, else 0."""
+        blocks = self._blocks.get(req_id)
+        index = write_pos // self.block_size
+        if blocks is None or index >= len(blocks):
+            return 0
+        return 1 if blocks[index].ref_cnt > 1 else 0
+
+    def copy_on_write(self, req_id: str, write_pos: int) -> tuple[int, int] | None:
+        """Give ``req_id`` a private copy of the shared block holding ``write_pos``.
+
+        Returns:
+            ``(src_block_id, dst_block_id)``: the caller must copy the block's
+            keys and values before the next forward pass; ``None`` when the
+            block is not shared (nothing to do).
+
+        Raises:
+            CapacityExceeded: no free block for the copy (check with
+                :meth:`can_allocate` and ``write_pos`` first).
+        """
+        if not self.num_copy_on_write_blocks(req_id, write_pos):
+            return None
+        blocks = self._blocks[req_id]
+        index = write_pos // self.block_size
+        (copy,) = self.block_pool.get_new_blocks(1)
+        shared = blocks[index]
+        blocks[index] = copy
+        self.block_pool.free_blocks([shared])
+        return shared.block_id, copy.block_id
 
     def has_blocks(self, req_id: str) -> bool:
         """Whether ``req_id`` owns a block table (possibly empty)."""

@@ -8,7 +8,9 @@ colocated baseline the disaggregated deployment is measured against.
 A call to :meth:`LLM.generate`:
 
 1. tokenizes the text prompts (token-id prompts pass through) and checks ids;
-2. queues one request per prompt, first come first served;
+2. queues one request per prompt, by ``priority`` (lower first) then first
+   come first served; a prompt with ``n`` > 1 is computed once and forks into
+   ``n`` completions that share its KV blocks (copy-on-write);
 3. steps the engine core until every request finishes: each step mixes prompt
    chunks and decode tokens under the token budget, and preempts (recomputes
    later) the newest requests when KV blocks run out;
@@ -36,7 +38,7 @@ from engine.engine_core import EngineCore
 from engine.errors import InvalidRequest
 from engine.kv_cache_manager import KVCacheManager
 from engine.model_runner import ModelRunner, resolve_device
-from engine.request import EngineOutput, Request, finish_reason
+from engine.request import EngineOutput, Request
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig
 from engine.stop import StopStringMatcher
@@ -80,13 +82,18 @@ class RequestOutput:
         prompt: the prompt text, or ``None`` for a token-id prompt.
         prompt_token_ids: the tokens the model saw (text prompts include the
             special tokens the tokenizer adds, e.g. BOS).
-        outputs: the completions (one today).
+        outputs: ``SamplingParams.n`` completions, ``outputs[i].index == i``.
+        prompt_logprobs: with ``SamplingParams.prompt_logprobs`` set, one entry
+            per prompt token: ``None`` for the first (nothing predicts it), then
+            the token's log-probability given the tokens before it and the top
+            ones (as vLLM); else ``None``.
     """
 
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
 
 class LLM:
@@ -110,6 +117,9 @@ class LLM:
         load_format: ``"auto"``, ``"safetensors"`` or ``"dummy"`` (seeded
             random weights from config.json alone).
         seed: seed of unseeded sampling and of ``"dummy"`` weights.
+        kernels: ``"auto"`` (Triton kernels on CUDA, torch on CPU), ``"triton"``
+            or ``"torch"`` (the reference path, for comparison).
+        enforce_eager: never capture CUDA graphs for decode steps (as vLLM's option).
 
     Raises:
         ValueError: bad checkpoint, dtype, load format, device or KV budget.
@@ -129,6 +139,8 @@ class LLM:
         max_num_batched_tokens: int = WorkerConfig.max_num_batched_tokens,
         load_format: str = "auto",
         seed: int = 0,
+        kernels: str = WorkerConfig.kernels,
+        enforce_eager: bool = False,
     ) -> None:
         self.model_config = ModelConfig.from_pretrained(model)
         device = resolve_device(device)
@@ -143,6 +155,9 @@ class LLM:
             max_model_len=self.max_model_len,
             seed=seed,
             load_format=load_format,
+            attention_backend=kernels,
+            fused_ops=kernels,
+            enforce_eager=enforce_eager,
         )
         scheduler = Scheduler(
             SchedulerConfig(
@@ -164,6 +179,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]: ...
 
     @overload
@@ -173,6 +189,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]: ...
 
     def generate(
@@ -181,6 +198,7 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         *,
         use_tqdm: bool = True,
+        priority: Sequence[int] | None = None,
     ) -> list[RequestOutput]:
         """Complete every prompt, continuously batched; blocks until all finish.
 
@@ -190,22 +208,27 @@ class LLM:
             sampling_params: one for all prompts, one per prompt, or ``None``
                 for :class:`SamplingParams` defaults.
             use_tqdm: show a progress bar (prompts finished, output tokens/s) on stderr.
+            priority: one per prompt (as vLLM): lower values are scheduled first
+                and preempted last; ``None`` gives every prompt 0.
 
         Returns:
             One :class:`RequestOutput` per prompt, in the order given.
 
         Raises:
             InvalidRequest: an empty or too long prompt, a token id outside the
-                vocabulary, text or stop strings without a tokenizer, ``n`` > 1,
-                or a number of sampling parameters that differs from the number
-                of prompts.
+                vocabulary, text or stop strings without a tokenizer, or a
+                number of sampling parameters or priorities that differs from
+                the number of prompts.
             CapacityExceeded: a request could need more KV blocks than the cache holds.
         """
         prompt_list = _as_prompt_list(prompts)
         params = _as_params_list(sampling_params, len(prompt_list))
+        priorities = [0] * len(prompt_list) if priority is None else list(priority)
+        if len(priorities) != len(prompt_list):
+            raise InvalidRequest("priority", f"{len(priorities)} priorities for {len(prompt_list)} prompts")
         trackers = {}
-        for prompt, sp in zip(prompt_list, params, strict=True):
-            tracker = self._make_tracker(prompt, sp)
+        for prompt, sp, prio in zip(prompt_list, params, priorities, strict=True):
+            tracker = self._make_tracker(prompt, sp, prio)
             trackers[tracker.request.req_id] = tracker
         try:
             for tracker in trackers.values():
@@ -216,9 +239,7 @@ class LLM:
                 self.engine_core.abort_request(req_id)
         return [tracker.request_output() for tracker in trackers.values()]
 
-    def _make_tracker(self, prompt: PromptType, sp: SamplingParams) -> _RequestTracker:
-        if sp.n > 1:
-            raise InvalidRequest("sampling.n", "n > 1 is not supported by LLM yet")
+    def _make_tracker(self, prompt: PromptType, sp: SamplingParams, priority: int) -> _RequestTracker:
         if sp.stop and self.tokenizer is None:
             raise InvalidRequest(
                 "sampling.stop", f"no tokenizer.json in {self.model_config.path} to match text"
@@ -228,11 +249,15 @@ class LLM:
             prompt_token_ids=self._prompt_token_ids(prompt),
             sampling=sp,
             eos_token_ids=self.model_config.eos_token_ids,
+            priority=priority,
         )
-        detokenizer = None
-        if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
-        return _RequestTracker(prompt, request, detokenizer, StopStringMatcher(sp.stop))
+        completions = []
+        for _ in range(sp.n):
+            detokenizer = None
+            if self.tokenizer is not None:
+                detokenizer = IncrementalDetokenizer(self.tokenizer, request.prompt_token_ids)
+            completions.append(_Completion(detokenizer, StopStringMatcher(sp.stop)))
+        return _RequestTracker(prompt, request, completions)
 
     def _run_to_completion(self, trackers: dict[str, _RequestTracker], use_tqdm: bool) -> None:
         start = time.perf_counter()
@@ -243,10 +268,13 @@ class LLM:
                 for output in self.engine_core.step():
                     num_output_tokens += len(output.new_token_ids)
                     tracker = trackers[output.req_id]
-                    tracker.add(output)
-                    if tracker.stopper.stopped and not output.finished:
-                        self.engine_core.abort_request(output.req_id)  # a stop string ended the text
-                    finished += output.finished or tracker.stopper.stopped
+                    completion = tracker.completions[output.index]
+                    completion.add(output)
+                    if output.prompt_logprobs is not None:
+                        tracker.prompt_logprobs = output.prompt_logprobs
+                    if completion.stopper.stopped and not output.finished:  # a stop string ended the text
+                        self.engine_core.abort_request(output.req_id, index=output.index)
+                    finished += completion.done and tracker.done
                 if finished:
                     rate = num_output_tokens / max(time.perf_counter() - start, 1e-9)
                     bar.set_postfix_str(f"{rate:.1f} output tok/s", refresh=False)
@@ -268,42 +296,73 @@ class LLM:
 
 
 @dataclass
-class _RequestTracker:
-    """One request's text (detokenized, cut at a stop string) and log-probabilities as they arrive."""
+class _Completion:
+    """One completion's tokens, text (detokenized, cut at a stop string) and log-probabilities."""
 
-    prompt: PromptType
-    request: Request
     detokenizer: IncrementalDetokenizer | None
     stopper: StopStringMatcher
     text: str = ""
+    token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether the completion ended (finished in the engine, or cut by a stop string)."""
+        return self.finish_reason is not None
 
     def add(self, output: EngineOutput) -> None:
         """Take one step's output (new tokens, log-probabilities, finish)."""
+        self.token_ids.extend(output.new_token_ids)
         self.logprobs.extend(output.logprobs)
-        if self.detokenizer is None:
-            return
-        self.text += self.stopper.push(self.detokenizer.push(output.new_token_ids))
-        if output.finished and not self.stopper.stopped:
-            self.text += self.stopper.push(self.detokenizer.finish())
-            self.text += self.stopper.flush()
+        if self.detokenizer is not None:
+            self.text += self.stopper.push(self.detokenizer.push(output.new_token_ids))
+            if output.finished and not self.stopper.stopped:
+                self.text += self.stopper.push(self.detokenizer.finish())
+                self.text += self.stopper.flush()
+        if self.stopper.stopped:
+            self.finish_reason = "stop"
+        elif output.finished:
+            self.finish_reason = output.finish_reason
+
+
+@dataclass
+class _RequestTracker:
+    """One prompt's request and its completions as their outputs arrive."""
+
+    prompt: PromptType
+    request: Request
+    completions: list[_Completion]
+    prompt_logprobs: list[TokenLogprobs] | None = None
+
+    @property
+    def done(self) -> bool:
+        """Whether every completion ended."""
+        return all(c.done for c in self.completions)
 
     def request_output(self) -> RequestOutput:
         request = self.request
-        reason = "stop" if self.stopper.stopped else finish_reason(request.status)
-        assert reason is not None, request.status
-        completion = CompletionOutput(
-            index=0,
-            text=self.text,
-            token_ids=list(request.output_token_ids),
-            finish_reason=reason,
-            logprobs=self.logprobs if request.sampling.logprobs is not None else None,
-        )
+        outputs = []
+        for index, completion in enumerate(self.completions):
+            assert completion.finish_reason is not None, (request.req_id, index)
+            outputs.append(
+                CompletionOutput(
+                    index=index,
+                    text=completion.text,
+                    token_ids=completion.token_ids,
+                    finish_reason=completion.finish_reason,
+                    logprobs=completion.logprobs if request.sampling.logprobs is not None else None,
+                )
+            )
+        prompt_logprobs: list[TokenLogprobs | None] | None = None
+        if request.sampling.prompt_logprobs is not None:
+            prompt_logprobs = [None, *(self.prompt_logprobs or [])]
         return RequestOutput(
             request_id=request.req_id,
             prompt=self.prompt if isinstance(self.prompt, str) else None,
             prompt_token_ids=list(request.prompt_token_ids),
-            outputs=[completion],
+            outputs=outputs,
+            prompt_logprobs=prompt_logprobs,
         )
 
 

@@ -59,6 +59,11 @@ class EngineOutput:
             cache instead of computed (tokens).
         logprobs: one entry per ``new_token_ids`` entry when the request's
             ``sampling.logprobs`` is set, else empty.
+        index: which completion of an ``n`` > 1 request this is (0 to n - 1);
+            ``req_id`` is the request's own id for every completion.
+        prompt_logprobs: on the first output of completion 0 of a request with
+            ``sampling.prompt_logprobs`` set: one entry per prompt token after
+            the first (entry ``k`` is prompt token ``k + 1``); else ``None``.
     """
 
     req_id: str
@@ -67,6 +72,8 @@ class EngineOutput:
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    index: int = 0
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass(eq=False)
@@ -89,6 +96,16 @@ class Request:
         num_computed_tokens: tokens whose KV is in the cache (the cursor).
         num_cached_tokens: prompt tokens reused from the prefix cache.
         status: see :class:`RequestStatus`.
+        priority: lower values are scheduled first and preempted last; ties
+            go first come first served (as vLLM's ``priority``).
+        parent_req_id: for one completion of an ``n`` > 1 request, the id of
+            the request it was forked from (outputs carry that id); else ``None``.
+        index: the completion's index among its parent's (0 when not forked).
+        prompt_logprobs: log-probabilities of prompt tokens ``1 ..`` computed
+            so far, in prompt order, when ``sampling.prompt_logprobs`` is set
+            (completion 0 of a forked request inherits its parent's); else ``None``.
+        arrival_seq: admission order inside the scheduler (ties of
+            ``arrival_time``); set by the scheduler.
     """
 
     req_id: str
@@ -103,6 +120,25 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     status: RequestStatus = RequestStatus.WAITING
+    priority: int = 0
+    parent_req_id: str | None = None
+    index: int = 0
+    prompt_logprobs: list[TokenLogprobs] | None = None
+    arrival_seq: int = 0
+
+    def __post_init__(self) -> None:
+        if self.prompt_logprobs is None and self.sampling.prompt_logprobs is not None:
+            self.prompt_logprobs = []
+
+    @property
+    def output_req_id(self) -> str:
+        """The id its outputs carry: the parent's for a forked completion, else ``req_id``."""
+        return self.parent_req_id if self.parent_req_id is not None else self.req_id
+
+    @property
+    def schedule_key(self) -> tuple[int, float, int]:
+        """Waiting-queue order: ``(priority, arrival_time, arrival_seq)``, smallest first."""
+        return (self.priority, self.arrival_time, self.arrival_seq)
 
     @property
     def num_prompt_tokens(self) -> int:

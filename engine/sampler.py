@@ -8,7 +8,9 @@ Per row, in the order transformers' ``generate`` applies its logits processors:
    divided by it, negative ones multiplied), then the presence and frequency
    penalties of the OpenAI API over output tokens
    (``logit[j] -= count[j] * frequency_penalty + (count[j] > 0) * presence_penalty``);
-2. greedy rows take the argmax (ties go to the lowest token id, as ``torch.argmax``);
+2. greedy rows take the argmax (ties go to the lowest token id, as ``torch.argmax``;
+   when every row is greedy without penalties or log-probabilities, the argmax
+   runs on the raw logits without the float32 copy, gathers or extra syncs);
 3. other rows divide by ``temperature``, keep the ``top_k`` most likely tokens,
    keep the smallest set of most likely tokens whose probability mass reaches
    ``top_p`` (nucleus sampling: Holtzman et al., 2019, arXiv:1904.09751), drop
@@ -22,6 +24,11 @@ Log-probabilities (``SamplingParams.logprobs``) are ``log_softmax`` of the raw
 logits, before penalties, temperature and filters (transformers'
 ``output_logits``, not its processed ``output_scores``).
 
+A row whose request asks for ``n`` > 1 completions (the last prompt row of such
+a request) is sampled ``n`` times, completion ``i`` with
+``SamplingParams.for_child(i)`` (its own seed), so every completion's first
+token is drawn independently from the same logits.
+
 Randomness: ``u`` is drawn on the CPU. For a request with ``seed`` its token
 number ``i`` uses a ``torch.Generator`` seeded with :func:`mix_seed` ``(seed, i)``,
 so the draw does not depend on the batch, the step or the device; unseeded
@@ -30,11 +37,12 @@ requests share one generator seeded from the worker seed.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch
 
-from engine.batch import SequenceInput, TokenLogprobs
+from engine.batch import SampleResult, SequenceInput, TokenLogprobs
 from engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -66,8 +74,8 @@ class Sampler:
         self._generator = torch.Generator(device="cpu")
         self._generator.manual_seed(seed)
 
-    def sample(self, logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> list[int | TokenLogprobs]:
-        """One sampled result per row.
+    def sample(self, logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> list[SampleResult]:
+        """One sampled result per row (``n`` for a row whose ``sampling.n`` > 1, see below).
 
         Args:
             logits: ``[N, vocab_size]`` raw logits (any float dtype, any device).
@@ -77,10 +85,38 @@ class Sampler:
 
         Returns:
             ``N`` results: the token id, or a :class:`TokenLogprobs` for rows
-            whose ``sampling.logprobs`` is not ``None``.
+            whose ``sampling.logprobs`` is not ``None``. A row with
+            ``sampling.n`` > 1 is sampled ``n`` times: the results (completion
+            order) go to its input's ``samples`` and the first is returned.
         """
         assert logits.shape[0] == len(seqs)
+        if all(s.sampling.n == 1 for s in seqs):
+            return list(self._sample_rows(logits, seqs))
+        rows: list[int] = []
+        expanded: list[SequenceInput] = []
+        for r, seq in enumerate(seqs):
+            for i in range(seq.sampling.n):
+                rows.append(r)
+                child = seq.sampling.for_child(i) if seq.sampling.n > 1 else seq.sampling
+                expanded.append(dataclasses.replace(seq, sampling=child))
+        flat = self._sample_rows(logits[torch.tensor(rows, device=logits.device)], expanded)
+        results: list[SampleResult] = []
+        start = 0
+        for seq in seqs:
+            n = seq.sampling.n
+            if n > 1:
+                seq.samples = flat[start : start + n]
+            results.append(flat[start])
+            start += n
+        return results
+
+    def _sample_rows(self, logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> list[SampleResult]:
+        """:meth:`sample` for rows that all have ``sampling.n`` 1."""
         params = [s.sampling for s in seqs]
+        if all(p.greedy and p.logprobs is None and not p.has_penalties for p in params):
+            # Fast path: argmax in the logits' own dtype (upcasting is exact, so the
+            # ids and tie-breaking are those of the float32 path); one device sync.
+            return list(logits.argmax(dim=-1).tolist())
         logits = logits.float()
         raw_logits = logits
         logits = apply_penalties(logits, seqs)
@@ -98,7 +134,7 @@ class Sampler:
             )
             for i, token in zip(random_rows, chosen, strict=True):
                 tokens[i] = token
-        results: list[int | TokenLogprobs] = list(tokens)
+        results: list[SampleResult] = list(tokens)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
         if logprob_rows:
             found = compute_logprobs(

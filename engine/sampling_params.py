@@ -9,7 +9,7 @@ to 16 (as in vLLM).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.errors import InvalidRequest
 
@@ -20,6 +20,8 @@ MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 #: Most completions per prompt.
 MAX_N = 16
+_GOLDEN_GAMMA = 0x9E3779B97F4A7C15
+_MASK64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,15 @@ class SamplingParams:
         logprobs: ``None`` for no log-probabilities; ``k`` in [0, 20] returns
             each generated token's log-probability and the ``k`` most likely
             tokens' (log-softmax of the raw logits).
-        n: completions per prompt, in [1, 16].
+        n: completions per prompt, in [1, 16]. The prompt is computed once;
+            the completions share its KV blocks (copy-on-write at the first
+            block they write to differently). Completion ``i`` samples with
+            :meth:`for_child` ``(i)``.
+        prompt_logprobs: ``None`` for none; ``k`` in [0, 20] returns, for every
+            prompt token after the first, its log-probability given the tokens
+            before it and the ``k`` most likely tokens'. A request asking for
+            them computes every prompt position: it never reuses prefix-cache
+            blocks for its prompt.
     """
 
     max_tokens: int = DEFAULT_MAX_TOKENS
@@ -70,6 +80,7 @@ class SamplingParams:
     stop_token_ids: Sequence[int] = ()
     logprobs: int | None = None
     n: int = 1
+    prompt_logprobs: int | None = None
 
     def __post_init__(self) -> None:
         # Lists passed by callers become tuples, so the params stay immutable and
@@ -128,3 +139,21 @@ class SamplingParams:
             raise InvalidRequest("sampling.logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if not 1 <= self.n <= MAX_N:
             raise InvalidRequest("sampling.n", f"must be in [1, {MAX_N}], got {self.n}")
+        if self.prompt_logprobs is not None and not 0 <= self.prompt_logprobs <= MAX_LOGPROBS:
+            raise InvalidRequest(
+                "sampling.prompt_logprobs", f"must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs}"
+            )
+
+    def for_child(self, index: int) -> SamplingParams:
+        """The parameters of completion ``index`` of an ``n`` > 1 request: ``n`` 1 and its own seed.
+
+        Completion 0 keeps ``seed`` (so it equals the ``n`` = 1 output); completion
+        ``i`` > 0 uses ``(seed + i * 0x9E3779B97F4A7C15) mod 2**64`` (the golden-ratio
+        increment of SplitMix64), so each completion's tokens depend only on
+        ``(seed, i)``, never on the batch. Unseeded requests stay unseeded.
+        ``prompt_logprobs`` is dropped: the prompt's belong to the parent request.
+        """
+        seed = self.seed
+        if seed is not None and index > 0:
+            seed = (seed + index * _GOLDEN_GAMMA) & _MASK64
+        return replace(self, n=1, seed=seed, prompt_logprobs=None)

@@ -26,6 +26,8 @@ from pathlib import Path
 INTERNAL_TOKEN_ENV = "TANDEM_INTERNAL_TOKEN"
 #: Environment variable with the public API's bearer tokens, one per line.
 AUTH_TOKENS_ENV = "TANDEM_AUTH_TOKENS"
+#: Environment variable holding a Redis URL whose password must stay off command lines.
+REDIS_URL_ENV = "TANDEM_REDIS_URL"
 #: Default largest gRPC message sent or received (bytes).
 DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -144,6 +146,11 @@ def redact_url(url: str) -> str:
 
     url = _USERINFO.sub(userinfo, url, count=1)
     return _PASSWORD_PARAM.sub(r"\1***", url)
+
+
+def redis_url_env(url: str) -> dict[str, str]:
+    """``{REDIS_URL_ENV: url}`` when ``url`` holds a password (a parent hands it to children so), else ``{}``."""
+    return {REDIS_URL_ENV: url} if redact_url(url) != url else {}
 
 
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/@?#]*)@")

@@ -48,7 +48,13 @@ class WorkerConfig:
         redis_url: Redis server of the worker registry.
         redis_prefix: prefix of every Redis key Tandem writes.
         worker_id: stable id; ``None`` uses :func:`default_worker_id`.
-        kv_transport: KV transfer backend (``"tcp"``; GPU backends later).
+        kv_transport: KV transfer backend: ``"auto"`` (decided per worker pair at the KV
+            handshake: cuda_ipc on one host with GPUs, nccl across hosts, tcp on CPU),
+            ``"cuda_ipc"``, ``"nccl"`` or ``"tcp"``.
+        kv_transfer_layers_per_message: layer-wise KV streaming on a prefill worker:
+            layers per message, sent as soon as they are computed; 0 sends the whole
+            prompt in one message after the forward. The default 8 sends a 32-layer
+            model's prompt in 4 messages (docs/performance.md, "KV transfer").
         transfer_port: port of the decode worker's KV receiver (0 picks one).
         heartbeat_interval_s: seconds between registry heartbeats.
         registration_ttl_s: TTL of the registration; an unrefreshed worker
@@ -65,6 +71,9 @@ class WorkerConfig:
         load_format: ``"auto"`` or ``"safetensors"`` reads the checkpoint's
             weights; ``"dummy"`` builds seeded random weights from config.json
             alone (workers with the same seed hold the same weights).
+        kernels: ``"auto"`` (Triton kernels and CUDA graphs on CUDA, torch on CPU),
+            ``"triton"`` or ``"torch"`` (the reference path, for comparison).
+        enforce_eager: never capture CUDA graphs for decode steps.
         colocated: a decode worker that also computes prompts (``Generate``
             RPC), registered as a colocated worker: the baseline without
             disaggregation.
@@ -86,7 +95,8 @@ class WorkerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tandem"
     worker_id: str | None = None
-    kv_transport: str = "tcp"
+    kv_transport: str = "auto"
+    kv_transfer_layers_per_message: int = 8
     transfer_port: int = 0
     heartbeat_interval_s: float = 1.0
     registration_ttl_s: float = 5.0
@@ -97,6 +107,8 @@ class WorkerConfig:
     seed: int = 0
     load_format: str = "auto"
     enable_prefix_caching: bool = True
+    kernels: str = "auto"
+    enforce_eager: bool = False
     colocated: bool = False
     security: SecurityConfig = field(default_factory=SecurityConfig)
     drain_timeout_s: float = 30.0

@@ -126,6 +126,9 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         max_model_len=max_model_len,
         seed=config.seed,
         load_format=config.load_format,
+        attention_backend=config.kernels,
+        fused_ops=config.kernels,
+        enforce_eager=config.enforce_eager,
     )
     metrics = ProcessMetrics(config.role)
     # Decode workers' blocks are written by transfer and never looked up: no prefix cache there.

@@ -16,7 +16,9 @@ Lifecycle of one request's transfer (push model, decode-first reservation):
 4. :meth:`KvReceiver.wait_complete` returns once every block of every layer has
    arrived verified; the decode worker commits the request.
 5. :meth:`KvReceiver.forget` releases the reservation (finish, cancel, lease
-   expiry); later messages for it are refused.
+   expiry); later messages for it are refused. The decode worker reuses its blocks
+   once :meth:`KvReceiver.quiesce` returned. A prefill worker whose request stops
+   mid-stream calls :meth:`KvSender.abandon`.
 
 Backends implement :class:`KvSender` (``send``, ``close``) and :class:`KvReceiver`
 (``start``, ``close``); the reservation bookkeeping and checks live here, so every
@@ -30,7 +32,7 @@ import asyncio
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -52,6 +54,9 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+#: ``checksum_algorithm`` of messages whose data moves device to device (cuda_ipc, nccl).
+NO_CHECKSUM = "none"
 
 #: Payloads at least this large are checksummed in a worker thread, off the event loop.
 THREAD_MIN_BYTES = 1 << 20
@@ -136,6 +141,29 @@ class KvSender(ABC):
     async def close(self) -> None:
         """Release connections; the sender cannot be used afterwards."""
 
+    async def abandon(self, request_id: str, destination: KvDestination) -> None:
+        """``request_id`` sends nothing more to ``destination`` (a stream cut short before its
+        ``last`` message). Backends whose receivers grant a whole reservation ahead (the device
+        backends) wait for their copies and close the grant; others have nothing to do. Never raises."""
+        return None
+
+    def _check_send(
+        self, destination: KvDestination, src_block_ids: Sequence[int], kv_cache: torch.Tensor
+    ) -> None:
+        """The local checks of every :meth:`send`: layouts, cache shape, one source block per destination block.
+
+        Raises:
+            LayoutMismatch: ``destination.layout`` or ``kv_cache`` does not match ours.
+            InvalidRequest: the block counts differ.
+        """
+        self.layout.check_compatible(destination.layout)
+        self.layout.check_cache(kv_cache)
+        if len(src_block_ids) != len(destination.block_ids):
+            raise InvalidRequest(
+                "src_block_ids",
+                f"{len(src_block_ids)} source blocks for {len(destination.block_ids)} destination blocks",
+            )
+
     async def _encode(
         self,
         request_id: str,
@@ -147,13 +175,7 @@ class KvSender(ABC):
         last: bool,
     ) -> tuple[kv_pb2.KvTransferHeader, memoryview]:
         """Check the request locally, then gather and checksum off the event loop (see :meth:`send`)."""
-        self.layout.check_compatible(destination.layout)
-        self.layout.check_cache(kv_cache)
-        if len(src_block_ids) != len(destination.block_ids):
-            raise InvalidRequest(
-                "src_block_ids",
-                f"{len(src_block_ids)} source blocks for {len(destination.block_ids)} destination blocks",
-            )
+        self._check_send(destination, src_block_ids, kv_cache)
         return await asyncio.to_thread(
             framing.encode_message,
             request_id=request_id,
@@ -188,7 +210,7 @@ class _Reservation:
         """Mark the header's blocks × layers as written; completes the reservation when all are."""
         ls, le = header.layer_start, header.layer_end
         self.covered[list(header.block_indices), ls:le] = True
-        for index, crc in zip(header.block_indices, header.block_checksums, strict=True):
+        for index, crc in zip(header.block_indices, header.block_checksums, strict=False):
             self.checksums[(ls, le, index)] = crc
         self.num_bytes += header.payload_bytes
         self.num_messages += 1
@@ -206,8 +228,11 @@ class _Reservation:
             self.done.set()
 
     def is_duplicate(self, header: kv_pb2.KvTransferHeader) -> bool:
-        """Whether an already-written message carried exactly these blocks, layers and checksums."""
+        """Whether an already-written message carried exactly these blocks, layers and checksums
+        (without checksums, as on the device backends: these blocks and layers)."""
         ls, le = header.layer_start, header.layer_end
+        if header.checksum_algorithm == NO_CHECKSUM:
+            return bool(self.covered[list(header.block_indices), ls:le].all())
         return all(
             self.checksums.get((ls, le, index)) == crc
             for index, crc in zip(header.block_indices, header.block_checksums, strict=True)
@@ -237,6 +262,9 @@ class KvReceiver(ABC):
 
     #: Backend name (``KvDestination.transport``).
     name: ClassVar[str]
+    #: Checksum messages must carry: :data:`CHECKSUM_ALGORITHM` when the payload crosses a
+    #: socket, :data:`NO_CHECKSUM` when the data moves device to device (no checksums then).
+    checksum_algorithm: ClassVar[str] = CHECKSUM_ALGORITHM
 
     def __init__(
         self,
@@ -293,6 +321,12 @@ class KvReceiver(ABC):
             return False
         res.fail(ReservationNotFound(f"reservation {reservation_id!r} was released"))
         return True
+
+    async def quiesce(self, reservation_id: str) -> None:
+        """Return once no sender can still write into a :meth:`forget`-ten reservation's blocks,
+        so they may be reused; immediate here, where every write is checked on arrival (the
+        device backends grant writes ahead, see :mod:`kvtransfer.device`)."""
+        return None
 
     async def wait_complete(self, reservation_id: str, timeout_s: float) -> ReceivedTransfer:
         """Wait until every block of every layer of the reservation arrived verified.
@@ -377,11 +411,12 @@ class KvReceiver(ABC):
             raise InvalidRequest(
                 "layer_start", f"layers [{ls}, {le}) are not inside [0, {self.layout.num_layers})"
             )
-        if header.checksum_algorithm != CHECKSUM_ALGORITHM:
+        if header.checksum_algorithm != self.checksum_algorithm:
             raise InvalidRequest(
-                "checksum_algorithm", f"{header.checksum_algorithm!r} is not {CHECKSUM_ALGORITHM!r}"
+                "checksum_algorithm", f"{header.checksum_algorithm!r} is not {self.checksum_algorithm!r}"
             )
-        if len(header.block_checksums) != len(indices):
+        n_sums = 0 if self.checksum_algorithm == NO_CHECKSUM else len(indices)
+        if len(header.block_checksums) != n_sums:
             raise InvalidRequest(
                 "block_checksums", f"{len(header.block_checksums)} checksums for {len(indices)} blocks"
             )
@@ -413,13 +448,27 @@ class KvReceiver(ABC):
             logger.warning("refused KV message: %s", exc)
             res.fail(exc)
             return framing.ack_refused(exc)
+        return self._finish(res, header, lambda: self._write(res, header, payload))
+
+    def _finish(
+        self, res: _Reservation, header: kv_pb2.KvTransferHeader, write: Callable[[], None] | None
+    ) -> kv_pb2.KvTransferAck:
+        """Apply an admitted, verified message: ``write`` it (``None``: the peer already wrote the
+        blocks, e.g. over CUDA IPC), record its blocks × layers, and answer.
+
+        Nothing is written or recorded unless the reservation is still live and incomplete; a
+        ``last`` message that leaves block-layers missing fails the reservation.
+        """
         if self._reservations.get(res.reservation_id) is not res or res.error is not None:
             return framing.ack_refused(
                 res.error or ReservationNotFound(f"reservation {res.reservation_id!r} was released")
             )
         if res.result is not None:
             return _completed_ack(res, header)
-        self._write(res, header, payload)
+        if write is not None:
+            write()
+        else:
+            res.record(header)
         if res.result is None and header.last:
             incomplete = TransferFailed(
                 f"reservation {res.reservation_id!r}: last message arrived with "

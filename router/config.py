@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.security_config import SecurityConfig
-from engine.worker_config import BUNDLED_MODEL_DIR
+from engine.worker_config import BUNDLED_MODEL_DIR, WorkerConfig
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,16 @@ class RouterConfig:
         security: TLS, public bearer tokens, the internal token sent to
             workers and the message size limit.
         drain_timeout_s: seconds SIGTERM gives requests in flight to finish.
+        registration_ttl_s: the workers' registration TTL (seconds): a healthy
+            worker missing from the registry stays routable this long (Redis
+            restarting empty must not drop live workers).
+        migrate_on_failure: when a decode worker dies mid-stream, resume the
+            request on another decode worker (re-prefilling prompt plus the
+            tokens generated so far) instead of ending the stream with
+            ``UNAVAILABLE``.
+        max_prefill_retries: other prefill workers tried when a ``Prefill`` call
+            fails with ``UNAVAILABLE`` (the worker died before the transfer
+            completed); 0 turns retries off.
     """
 
     model: Path = BUNDLED_MODEL_DIR
@@ -50,3 +60,6 @@ class RouterConfig:
     max_prompt_tokens: int | None = None
     security: SecurityConfig = field(default_factory=SecurityConfig)
     drain_timeout_s: float = 30.0
+    registration_ttl_s: float = WorkerConfig.registration_ttl_s
+    migrate_on_failure: bool = False
+    max_prefill_retries: int = 2

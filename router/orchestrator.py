@@ -9,7 +9,25 @@ Lifecycle (decode-first reservation, push model; ARCHITECTURE.md):
      tokens; otherwise ``Release`` the reservation.
 Any failure or cancellation before step 4 releases the reservation (a shielded
 ``Release``; the lease frees it anyway if D cannot be reached); cancelling the
-``Decode`` stream makes D abort the request and free its blocks.
+``Decode`` stream makes D abort the request and free its blocks, and a ``Decode``
+call that ends before D answered anything is followed by a ``Release`` too (the
+call may have died before D's handler claimed the reservation).
+
+Worker failures:
+  - ``Prefill`` failing with ``UNAVAILABLE`` (P died before the transfer
+    completed, or the transfer to D broke) releases the reservation, waits for
+    the release, reserves again (a new attempt id, so a late write of the dead
+    attempt finds no reservation) and retries on another prefill worker, up to
+    ``max_prefill_retries`` times. Nothing reached the client yet, so it sees
+    one first token only.
+  - D dying mid-stream ends the stream with ``UNAVAILABLE`` naming D, or, with
+    ``migrate_on_failure``, resumes the request on another decode worker: the
+    prompt plus every token already yielded is prefilled again as a new prompt
+    (on a prefill worker, into a reservation on a surviving decode worker) with
+    ``max_tokens`` reduced by the tokens yielded. The caller sees one seamless
+    stream: tokens continue where they stopped (greedy decoding gives exactly
+    the tokens D would have produced; seeded sampling draws new ones), and
+    ``num_cached_tokens`` is reported for the original prompt only.
 """
 
 from __future__ import annotations
@@ -18,8 +36,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable, Collection
+from dataclasses import dataclass, field, replace
 
 import grpc
 
@@ -39,15 +57,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TokenChunk:
-    """New tokens of a request; the last chunk has ``finish_reason`` set.
+    """New tokens of completion ``index`` of a request; its last chunk has ``finish_reason`` set.
 
-    ``logprobs`` has one entry per token when the request asked for them.
+    ``logprobs`` has one entry per token when the request asked for them;
+    ``prompt_logprobs`` (prompt tokens 1 ..) comes on completion 0's first
+    chunk when the request asked for them.
     """
 
     token_ids: list[int]
     finish_reason: str | None = None
     num_cached_tokens: int = 0
     logprobs: list[TokenLogprobs] = field(default_factory=list)
+    index: int = 0
+    prompt_logprobs: list[TokenLogprobs] | None = None
 
 
 @dataclass
@@ -55,7 +77,30 @@ class _Reservation:
     stub: worker_pb2_grpc.DecodeWorkerStub
     destination: kv_pb2.KvDestination
     attempt_id: str
+    #: D's ``Decode`` claimed the reservation (its first message arrived); until then a
+    #: ``Decode`` call that died before D's handler ran (a deadline already past, a cancel
+    #: in flight) leaves the reservation to us, so an abnormal end releases it (a release
+    #: after D's claim finds nothing: blocks are freed exactly once).
     handed_over: bool = False
+
+    def release_request(self) -> worker_pb2.ReleaseRequest:
+        return worker_pb2.ReleaseRequest(
+            request_id=self.attempt_id,
+            reservation_id=self.destination.reservation_id,
+            epoch=self.destination.epoch,
+        )
+
+
+class DecodeWorkerLost(WorkerUnavailable):
+    """A decode worker died or ended its stream mid-request (tokens may have reached the client)."""
+
+    def __init__(self, worker_id: str, message: str) -> None:
+        super().__init__(message)
+        self.worker_id = worker_id
+
+
+#: Most times one request moves to another decode worker (``migrate_on_failure``).
+MAX_MIGRATIONS = 3
 
 
 class Orchestrator:
@@ -71,6 +116,10 @@ class Orchestrator:
             pick when the policy uses it (``prefix``).
         metrics: counts ``tandem_routing_decisions_total`` (one per prefill pick) and
             observes ``tandem_request_queue_seconds``.
+        migrate_on_failure: resume a request whose decode worker died mid-stream on
+            another decode worker (module docstring) instead of failing it.
+        max_prefill_retries: other prefill workers tried after a ``Prefill`` call
+            fails with ``UNAVAILABLE``.
     """
 
     def __init__(
@@ -83,6 +132,8 @@ class Orchestrator:
         lease_ms: int,
         prefix_index: PrefixIndex | None = None,
         metrics: ProcessMetrics | None = None,
+        migrate_on_failure: bool = False,
+        max_prefill_retries: int = 2,
     ) -> None:
         self._pool = pool
         self._policy = policy
@@ -91,6 +142,8 @@ class Orchestrator:
         self._eos = frozenset(eos_token_ids)
         self._max_model_len = max_model_len
         self._lease_ms = lease_ms
+        self._migrate_on_failure = migrate_on_failure
+        self._max_prefill_retries = max_prefill_retries
         self._background: set[asyncio.Task[None]] = set()
 
     async def generate(self, req: ParsedRequest, timeout_s: float | None) -> AsyncGenerator[TokenChunk, None]:
@@ -119,57 +172,176 @@ class Orchestrator:
             ):
                 yield chunk
             return
+        emitted: list[int] = []  # tokens already yielded, across migrations
+        lost: set[str] = set()  # decode workers that died under this request
+        current = req
+        while True:
+            try:
+                async with contextlib.aclosing(
+                    self._generate_disaggregated(current, remaining, started, frozenset(lost))
+                ) as chunks:
+                    async for chunk in chunks:
+                        emitted.extend(chunk.token_ids)
+                        yield (
+                            chunk
+                            if current is req
+                            else replace(chunk, num_cached_tokens=0, prompt_logprobs=None)
+                        )
+                return
+            except DecodeWorkerLost as exc:
+                lost.add(exc.worker_id)
+                others = [
+                    w for w in self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE) if w.worker_id not in lost
+                ]
+                if (
+                    not self._migrate_on_failure
+                    or not others
+                    or len(lost) > MAX_MIGRATIONS
+                    or req.sampling.n > 1
+                ):
+                    raise
+                current = self._continuation(req, emitted)
+                logger.warning(
+                    "%s; migrating request %s to another decode worker after %d tokens",
+                    exc,
+                    req.request_id,
+                    len(emitted),
+                )
+
+    def _continuation(self, req: ParsedRequest, emitted: list[int]) -> ParsedRequest:
+        """``req`` resumed after ``emitted``: they join the prompt, and ``max_tokens`` shrinks by as many
+        (prompt log-probabilities were already sent with the first token)."""
+        sampling = replace(
+            req.sampling, max_tokens=req.sampling.max_tokens - len(emitted), prompt_logprobs=None
+        )
+        return replace(req, prompt_token_ids=[*req.prompt_token_ids, *emitted], sampling=sampling)
+
+    async def _generate_disaggregated(
+        self,
+        req: ParsedRequest,
+        remaining: Callable[[], float | None],
+        started: float,
+        avoid_decode: frozenset[str],
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Steps 1-4 of the module docstring on decode workers not in ``avoid_decode``.
+
+        Raises:
+            DecodeWorkerLost: the decode worker died mid-stream.
+        """
+        routing = RoutingRequest(req.request_id, len(req.prompt_token_ids))
         # The prefill pick may wait on Redis; both picks' loads are then counted with no await between.
         with span("tandem.route"):
             prefill, prefill_tokens = await self._pick_prefill(req)
-            decode = self._policy.pick(self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE), routing)
+            decodes = self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE)
+            decode = self._policy.pick([w for w in decodes if w.worker_id not in avoid_decode], routing)
             annotate({"route.decode_worker": decode.worker_id})
-        n_prompt = len(req.prompt_token_ids)
-        with self._pool.in_flight(decode.worker_id, n_prompt), contextlib.ExitStack() as prefill_load:
-            prefill_load.enter_context(self._pool.in_flight(prefill.worker_id, prefill_tokens))
-            # Unique per attempt, so that a release by request id touches nobody else's blocks.
-            attempt_id = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
-            d_stub, reserved = await self._reserve(req, decode, routing, attempt_id, remaining())
-            reservation = _Reservation(d_stub, reserved.destination, attempt_id)
+        with self._pool.in_flight(decode.worker_id, len(req.prompt_token_ids)):
+            reservation, prefilled = await self._prefill_with_retries(
+                req, prefill, prefill_tokens, decode, avoid_decode, remaining, started
+            )
             try:
-                p_stub = worker_pb2_grpc.PrefillWorkerStub(self._pool.channel(prefill.worker_id))
-                if self._metrics is not None:
-                    self._metrics.request_queue.observe(loop.time() - started)
-                prefilled = await p_stub.Prefill(
-                    worker_pb2.PrefillRequest(
-                        request_id=attempt_id,
-                        prompt_token_ids=req.prompt_token_ids,
-                        sampling=sampling_params_to_pb(req.sampling),
-                        destination=reservation.destination,
-                        cache_salt=req.cache_salt,
-                    ),
-                    timeout=remaining(),
-                )
-                prefill_load.close()  # P's share of the load ends with its call, not with decode
-                first = prefilled.first_token_id
-                finish = self._finish_after_first_token(req, first)
-                first_logprobs = (
+                firsts = list(prefilled.first_token_ids) or [prefilled.first_token_id]
+                first_logprobs = [token_logprobs_from_pb(lp) for lp in prefilled.first_tokens_logprobs] or (
                     [token_logprobs_from_pb(prefilled.first_token_logprobs)]
                     if prefilled.HasField("first_token_logprobs")
                     else []
                 )
-                yield TokenChunk([first], finish, prefilled.num_cached_tokens, first_logprobs)
-                if finish is not None:
+                prompt_logprobs = None
+                if req.sampling.prompt_logprobs is not None:
+                    prompt_logprobs = [token_logprobs_from_pb(lp) for lp in prefilled.prompt_logprobs]
+                done: set[int] = set()
+                for i, first in enumerate(firsts):  # one first token per completion (sampling.n)
+                    finish = self._finish_after_first_token(req, first)
+                    if finish is not None:
+                        done.add(i)
+                    yield TokenChunk(
+                        [first],
+                        finish,
+                        prefilled.num_cached_tokens,
+                        first_logprobs[i : i + 1],
+                        index=i,
+                        prompt_logprobs=prompt_logprobs if i == 0 else None,
+                    )
+                if len(done) == len(firsts):
                     return
-                reservation.handed_over = True
-                async with contextlib.aclosing(self._decode(req, reservation, first, remaining())) as chunks:
+                async with contextlib.aclosing(
+                    self._decode(req, reservation, firsts, done, remaining())
+                ) as chunks:
                     async for chunk in chunks:
                         yield chunk
             finally:
                 if not reservation.handed_over:
-                    self._release_in_background(
-                        d_stub,
-                        worker_pb2.ReleaseRequest(
+                    self._release_in_background(reservation.stub, reservation.release_request())
+
+    async def _prefill_with_retries(
+        self,
+        req: ParsedRequest,
+        prefill: WorkerView,
+        prefill_tokens: int,
+        decode: WorkerView,
+        avoid_decode: frozenset[str],
+        remaining: Callable[[], float | None],
+        started: float,
+    ) -> tuple[_Reservation, worker_pb2.PrefillResponse]:
+        """Reserve on a decode worker and ``Prefill`` into it; on ``UNAVAILABLE`` from ``Prefill``,
+        release, reserve again and retry on another prefill worker (module docstring).
+
+        Returns:
+            The filled reservation (the caller releases or decodes it) and P's reply.
+        """
+        routing = RoutingRequest(req.request_id, len(req.prompt_token_ids))
+        tried: set[str] = set()
+        while True:
+            # Unique per attempt, so that a release by request id touches nobody else's blocks,
+            # and a late write of a failed attempt finds no reservation.
+            attempt_id = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
+            d_stub, reserved = await self._reserve(
+                req, decode, routing, attempt_id, remaining(), avoid_decode
+            )
+            reservation = _Reservation(d_stub, reserved.destination, attempt_id)
+            try:
+                p_stub = worker_pb2_grpc.PrefillWorkerStub(self._pool.channel(prefill.worker_id))
+                if self._metrics is not None and not tried:
+                    self._metrics.request_queue.observe(asyncio.get_running_loop().time() - started)
+                with self._pool.in_flight(prefill.worker_id, prefill_tokens):  # P's load ends with its call
+                    prefilled = await p_stub.Prefill(
+                        worker_pb2.PrefillRequest(
                             request_id=attempt_id,
-                            reservation_id=reservation.destination.reservation_id,
-                            epoch=reservation.destination.epoch,
+                            prompt_token_ids=req.prompt_token_ids,
+                            sampling=sampling_params_to_pb(req.sampling),
+                            destination=reservation.destination,
+                            cache_salt=req.cache_salt,
+                            priority=req.priority,
                         ),
+                        timeout=remaining(),
                     )
+                return reservation, prefilled
+            except grpc.aio.AioRpcError as exc:
+                release = self._release_in_background(d_stub, reservation.release_request())
+                tried.add(prefill.worker_id)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or len(tried) > self._max_prefill_retries:
+                    raise
+                try:
+                    next_prefill, prefill_tokens = await self._pick_prefill(req, exclude=tried)
+                except WorkerUnavailable:
+                    raise exc from None
+                logger.warning(
+                    "prefill worker %s failed %s (%s): retrying on %s",
+                    prefill.worker_id,
+                    attempt_id,
+                    exc.details(),
+                    next_prefill.worker_id,
+                )
+                prefill = next_prefill
+                await asyncio.shield(release)  # blocks go back before the retry reserves again
+                decodes = self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE)
+                candidates = [w for w in decodes if w.worker_id not in avoid_decode]
+                decode = next((w for w in candidates if w.worker_id == decode.worker_id), None) or (
+                    self._policy.pick(candidates, routing)
+                )
+            except BaseException:  # cancelled or failed otherwise: nothing will fill the blocks
+                self._release_in_background(d_stub, reservation.release_request())
+                raise
 
     async def _generate_colocated(
         self, req: ParsedRequest, worker: WorkerView, timeout_s: float | None
@@ -182,27 +354,50 @@ class Orchestrator:
                     request_id=f"{req.request_id}.{uuid.uuid4().hex[:8]}",
                     prompt_token_ids=req.prompt_token_ids,
                     sampling=sampling_params_to_pb(req.sampling),
+                    priority=req.priority,
                 ),
                 timeout=timeout_s,
             )
             try:
+                done: set[int] = set()
+                first_of_0 = True  # the worker sends prompt log-probabilities on completion 0's first message
                 async for msg in call:
                     finish = finish_reason_from_pb(msg.finish_reason)
                     logprobs = [token_logprobs_from_pb(lp) for lp in msg.logprobs]
-                    yield TokenChunk(list(msg.token_ids), finish, logprobs=logprobs)
+                    prompt_logprobs = None
+                    if req.sampling.prompt_logprobs is not None and msg.index == 0 and first_of_0:
+                        prompt_logprobs = [token_logprobs_from_pb(lp) for lp in msg.prompt_logprobs]
+                        first_of_0 = False
+                    yield TokenChunk(
+                        list(msg.token_ids),
+                        finish,
+                        logprobs=logprobs,
+                        index=msg.index,
+                        prompt_logprobs=prompt_logprobs,
+                    )
                     if finish is not None:
-                        return
+                        done.add(msg.index)
+                        if len(done) == req.sampling.n:
+                            return
                 raise WorkerUnavailable(f"colocated worker {worker.worker_id} ended the stream early")
             finally:
                 call.cancel()
 
-    async def _pick_prefill(self, req: ParsedRequest) -> tuple[WorkerView, int]:
-        """Pick a prefill worker, with the prompt's cached prefix per worker when the policy uses it.
+    async def _pick_prefill(
+        self, req: ParsedRequest, exclude: Collection[str] = ()
+    ) -> tuple[WorkerView, int]:
+        """Pick a prefill worker not in ``exclude``, with the prompt's cached prefix per worker
+        when the policy uses it.
 
         Returns:
             The worker and the prompt tokens it will compute (its cached prefix excluded).
+
+        Raises:
+            WorkerUnavailable: no healthy prefill worker outside ``exclude``.
         """
-        candidates = self._pool.healthy(worker_pb2.WORKER_ROLE_PREFILL)
+        candidates = [
+            w for w in self._pool.healthy(worker_pb2.WORKER_ROLE_PREFILL) if w.worker_id not in exclude
+        ]
         routing = await prefill_routing_request(
             self._prefix_index, req.request_id, req.prompt_token_ids, req.cache_salt, candidates
         )
@@ -227,11 +422,13 @@ class Orchestrator:
         routing: RoutingRequest,
         attempt_id: str,
         timeout_s: float | None,
+        avoid: frozenset[str] = frozenset(),
     ) -> tuple[worker_pb2_grpc.DecodeWorkerStub, worker_pb2.ReserveResponse]:
         """``Reserve`` on ``first``; a decode worker that is UNAVAILABLE (e.g. just died,
-        not yet dropped by the health check) is skipped for another, up to 3 tries.
-        Nothing has reached the client yet, so the retry is invisible to it."""
-        tried: set[str] = set()
+        not yet dropped by the health check) is skipped for another (never one in
+        ``avoid``), up to 3 tries. Nothing has reached the client yet, so the retry
+        is invisible to it."""
+        tried: set[str] = set(avoid)
         worker = first
         while True:
             stub = worker_pb2_grpc.DecodeWorkerStub(self._pool.channel(worker.worker_id))
@@ -253,7 +450,7 @@ class Orchestrator:
                 others = [
                     w for w in self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE) if w.worker_id not in tried
                 ]
-                if exc.code() != grpc.StatusCode.UNAVAILABLE or not others or len(tried) >= 3:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or not others or len(tried - avoid) >= 3:
                     raise
                 logger.warning(
                     "decode worker %s unavailable for %s: trying another", worker.worker_id, attempt_id
@@ -271,50 +468,72 @@ class Orchestrator:
         return None
 
     async def _decode(
-        self, req: ParsedRequest, reservation: _Reservation, first_token: int, timeout_s: float | None
+        self,
+        req: ParsedRequest,
+        reservation: _Reservation,
+        first_tokens: list[int],
+        done: set[int],
+        timeout_s: float | None,
     ) -> AsyncGenerator[TokenChunk, None]:
+        """Relay D's stream for the completions not in ``done`` (those ended at their first token)."""
         call = reservation.stub.Decode(
             worker_pb2.DecodeRequest(
                 request_id=reservation.attempt_id,
                 reservation_id=reservation.destination.reservation_id,
                 epoch=reservation.destination.epoch,
                 prompt_token_ids=req.prompt_token_ids,
-                first_token_id=first_token,
+                first_token_id=first_tokens[0],
+                first_token_ids=first_tokens if len(first_tokens) > 1 else [],
                 sampling=sampling_params_to_pb(req.sampling),
+                priority=req.priority,
             ),
             timeout=timeout_s,
         )
+        done = set(done)
         try:
             async for msg in call:
+                reservation.handed_over = True
+                if msg.index in done:  # D reports completions that ended at their first token too
+                    continue
                 finish = finish_reason_from_pb(msg.finish_reason)
                 yield TokenChunk(
-                    list(msg.token_ids), finish, logprobs=[token_logprobs_from_pb(lp) for lp in msg.logprobs]
+                    list(msg.token_ids),
+                    finish,
+                    logprobs=[token_logprobs_from_pb(lp) for lp in msg.logprobs],
+                    index=msg.index,
                 )
                 if finish is not None:
-                    return
-            raise WorkerUnavailable(
-                f"decode worker {reservation.destination.worker_id} ended the stream early"
-            )
+                    done.add(msg.index)
+                    if len(done) == len(first_tokens):
+                        return
+            worker_id = reservation.destination.worker_id
+            raise DecodeWorkerLost(worker_id, f"decode worker {worker_id} ended the stream early")
         except grpc.aio.AioRpcError as exc:
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 raise
-            raise WorkerUnavailable(  # the worker died or became unreachable mid-stream
-                f"decode worker {reservation.destination.worker_id} failed mid-stream: {exc.details()}"
+            worker_id = reservation.destination.worker_id
+            raise DecodeWorkerLost(  # the worker died or became unreachable mid-stream
+                worker_id, f"decode worker {worker_id} failed mid-stream: {exc.details()}"
             ) from exc
         finally:
             call.cancel()
 
     def _release_in_background(
         self, stub: worker_pb2_grpc.DecodeWorkerStub, request: worker_pb2.ReleaseRequest
-    ) -> None:
-        """Release a reservation without waiting (also runs when the caller was cancelled)."""
-
-        async def release() -> None:
-            try:
-                await stub.Release(request, timeout=5.0)
-            except grpc.aio.AioRpcError as exc:  # the lease frees the blocks anyway
-                logger.warning("release of %s failed: %s", request.request_id, exc.code().name)
-
-        task = asyncio.get_running_loop().create_task(release())
+    ) -> asyncio.Task[None]:
+        """Release a reservation without waiting (also runs when the caller was cancelled);
+        returns the task, which never raises."""
+        task = asyncio.get_running_loop().create_task(self._release(stub, request, timeout_s=5.0))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    @staticmethod
+    async def _release(
+        stub: worker_pb2_grpc.DecodeWorkerStub, request: worker_pb2.ReleaseRequest, *, timeout_s: float
+    ) -> None:
+        """``Release`` a reservation; a failure is logged only (the lease frees the blocks anyway)."""
+        try:
+            await stub.Release(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            logger.warning("release of %s failed: %s", request.request_id, exc.code().name)

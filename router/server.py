@@ -41,6 +41,7 @@ async def serve(config: RouterConfig) -> None:
         WorkerDirectory(config.redis_url, config.redis_prefix),
         refresh_interval_s=config.refresh_interval_s,
         channel_factory=lambda address: open_aio_channel(address, config.security, internal),
+        missing_grace_s=config.registration_ttl_s,
     )
     await pool.start()
     policy = get_policy(config.routing)
@@ -56,6 +57,8 @@ async def serve(config: RouterConfig) -> None:
         lease_ms=config.lease_ms,
         prefix_index=prefix_index,
         metrics=metrics,
+        migrate_on_failure=config.migrate_on_failure,
+        max_prefill_retries=config.max_prefill_retries,
     )
     served = ServedModel(
         name=model.name,

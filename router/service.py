@@ -5,7 +5,9 @@ it), validate and tokenize (``INVALID_ARGUMENT``), run the request through the
 :class:`Orchestrator`, detokenize incrementally, cut the text at the first stop
 string (``engine.stop``: text that could begin a stop string is held back until
 it cannot; on a match the stream ends with ``FINISH_REASON_STOP`` and the decode
-call is cancelled, which frees the request's blocks) and answer. Errors map to
+call is cancelled, which frees the request's blocks) and answer. With ``n`` > 1
+each completion has its own detokenizer and stop matcher, messages carry the
+completion's ``index``, and the stream ends once every completion has ended. Errors map to
 status codes in one place (``engine.serving.abort_with``); a worker's status is
 passed on as it came.
 """
@@ -92,22 +94,28 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def Generate(
         self, request: generation_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> generation_pb2.GenerateResponse:
-        token_ids: list[int] = []
-        text: list[str] = []
-        logprobs: list[generation_pb2.TokenLogprobs] = []
+        choices: dict[int, generation_pb2.Completion] = {}
+        prompt_logprobs: list[generation_pb2.TokenLogprobs] = []
         last = generation_pb2.GenerateStreamResponse()
         async for msg in self._stream(request, context):
-            token_ids.extend(msg.token_ids)
-            text.append(msg.text)
-            logprobs.extend(msg.logprobs)
+            choice = choices.setdefault(msg.index, generation_pb2.Completion(index=msg.index))
+            choice.token_ids.extend(msg.token_ids)
+            choice.text += msg.text
+            choice.logprobs.extend(msg.logprobs)
+            if msg.finish_reason:
+                choice.finish_reason = msg.finish_reason
+            prompt_logprobs.extend(msg.prompt_logprobs)
             last = msg
+        first = choices.get(0, generation_pb2.Completion())
         return generation_pb2.GenerateResponse(
             request_id=last.request_id,
-            text="".join(text),
-            token_ids=token_ids,
-            finish_reason=last.finish_reason,
+            text=first.text,
+            token_ids=first.token_ids,
+            finish_reason=first.finish_reason,
             usage=last.usage,
-            logprobs=logprobs,
+            logprobs=first.logprobs,
+            choices=[choices[i] for i in sorted(choices)],
+            prompt_logprobs=prompt_logprobs,
         )
 
     async def GenerateStream(
@@ -185,14 +193,22 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
     async def _run(
         self, req: ParsedRequest, context: grpc.aio.ServicerContext, timer: RequestTimer
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
-        detok = IncrementalDetokenizer(self._tokenizer, req.prompt_token_ids)
-        stopper = StopStringMatcher(req.sampling.stop)
+        # One detokenizer and stop matcher per completion (sampling.n); a completion cut by a
+        # stop string ignores its later tokens (the worker runs it to its end or the stream's).
+        n = req.sampling.n
+        detoks = [IncrementalDetokenizer(self._tokenizer, req.prompt_token_ids) for _ in range(n)]
+        stoppers = [StopStringMatcher(req.sampling.stop) for _ in range(n)]
+        done: set[int] = set()
         n_generated = 0
         cached = 0
-        # aclosing: leaving early (stop string) closes the orchestrator's stream now,
+        # aclosing: leaving early (stop strings) closes the orchestrator's stream now,
         # which cancels the decode call.
         async with contextlib.aclosing(self._orchestrator.generate(req, context.time_remaining())) as chunks:
             async for chunk in chunks:
+                i = chunk.index
+                if i in done:
+                    continue
+                detok, stopper = detoks[i], stoppers[i]
                 n_generated += len(chunk.token_ids)
                 self._metrics.observe_tokens(timer, len(chunk.token_ids))
                 msg = generation_pb2.GenerateStreamResponse(
@@ -200,6 +216,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     token_ids=chunk.token_ids,
                     text=stopper.push(detok.push(chunk.token_ids)),
                     logprobs=logprobs_list_to_pb(chunk.logprobs),
+                    index=i,
+                    prompt_logprobs=logprobs_list_to_pb(chunk.prompt_logprobs or []),
                 )
                 cached = max(cached, chunk.num_cached_tokens)
                 timer.num_cached_tokens = cached
@@ -211,6 +229,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     finish = "stop"
                 if finish is not None:
                     msg.finish_reason = finish_reason_to_pb(finish)
+                    done.add(i)
+                if len(done) == n:
                     msg.usage.CopyFrom(
                         generation_pb2.Usage(
                             prompt_tokens=len(req.prompt_token_ids),
@@ -221,5 +241,5 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     self._metrics.prompt_tokens.inc(len(req.prompt_token_ids))
                     timer.finish_reason = finish
                 yield msg
-                if finish is not None:
+                if len(done) == n:
                     return

@@ -29,12 +29,14 @@ class ParsedRequest:
         prompt_token_ids: the prompt as token ids (length >= 1).
         sampling: validated sampling parameters.
         cache_salt: prefix-cache namespace of the request (``""``: the shared one).
+        priority: scheduling priority (lower first), carried to every worker.
     """
 
     request_id: str
     prompt_token_ids: list[int]
     sampling: SamplingParams
     cache_salt: str = ""
+    priority: int = 0
 
 
 def parse_generate_request(
@@ -46,8 +48,8 @@ def parse_generate_request(
         InvalidRequest: empty prompt; both or neither of ``prompt`` and
             ``prompt_token_ids``; a token id outside ``[0, vocab_size)``;
             prompt plus ``max_tokens`` over ``max_model_len``; bad sampling
-            parameters (a stop token id outside the vocabulary, or ``n`` > 1,
-            which is not supported yet, included); an over-long ``request_id``.
+            parameters (a stop token id outside the vocabulary included; each
+            error names its field, e.g. ``sampling.n``); an over-long ``request_id``.
     """
     if len(pb.request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_LEN} characters")
@@ -75,14 +77,14 @@ def parse_generate_request(
             f"prompt ({len(token_ids)} tokens) + max_tokens ({sampling.max_tokens}) exceeds "
             f"max_model_len ({max_model_len}); shorten the prompt or lower max_tokens",
         )
-    return ParsedRequest(pb.request_id or uuid.uuid4().hex, token_ids, sampling, pb.cache_salt)
+    return ParsedRequest(pb.request_id or uuid.uuid4().hex, token_ids, sampling, pb.cache_salt, pb.priority)
 
 
 def _check_sampling_for_model(sampling: SamplingParams, vocab_size: int) -> None:
-    """What :class:`SamplingParams` cannot check alone: the vocabulary, and what the serving path supports.
+    """What :class:`SamplingParams` cannot check alone: the vocabulary.
 
     Raises:
-        InvalidRequest: a stop token id outside ``[0, vocab_size)``, or ``n`` > 1.
+        InvalidRequest: a stop token id outside ``[0, vocab_size)``.
     """
     for i, tid in enumerate(sampling.stop_token_ids):
         if tid >= vocab_size:
@@ -90,5 +92,3 @@ def _check_sampling_for_model(sampling: SamplingParams, vocab_size: int) -> None
                 "sampling.stop_token_ids",
                 f"token id {tid} at index {i} is outside the vocabulary [0, {vocab_size})",
             )
-    if sampling.n > 1:
-        raise InvalidRequest("sampling.n", "n > 1 is not supported yet")

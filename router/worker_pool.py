@@ -10,10 +10,17 @@ Lifecycle of a worker in the pool:
   3. requests routed to a worker are counted (:meth:`WorkerPool.acquire` /
      :meth:`WorkerPool.release`, or :meth:`WorkerPool.in_flight`) so that
      routing sees them before the worker's next heartbeat;
-  4. a worker that leaves the registry (deregistered or expired) is no longer
-     returned by :meth:`WorkerPool.healthy`; its channel stays open until the
-     requests already routed to it are released (a draining worker finishes
-     its streams), then it is closed at the next refresh.
+  4. a worker that leaves the registry (deregistered or expired) stays
+     routable for ``missing_grace_s`` (one registration TTL) while its own
+     health check passes: Redis restarting empty, or a missed heartbeat, must
+     not drop a live worker before it re-registers. It is dropped at once when
+     its health check fails (a draining worker reports NOT_SERVING, a dead one
+     does not answer) or a newer epoch replaces it, and otherwise when the
+     grace ends;
+  5. a dropped worker is no longer returned by :meth:`WorkerPool.healthy`; its
+     channel stays open until the requests already routed to it are released
+     (a draining worker finishes its streams), then it is closed at the next
+     refresh.
 
 If Redis is unreachable, the pool keeps the workers it last saw (and keeps
 checking their health), logging one warning: requests keep flowing.
@@ -49,6 +56,7 @@ class _Worker:
     healthy: bool = False
     inflight: int = 0
     inflight_tokens: int = 0
+    missing_since: float | None = None  # monotonic seconds; set while absent from the registry
 
     def view(self) -> WorkerView:
         return WorkerView(
@@ -71,6 +79,8 @@ class WorkerPool:
         health_check_timeout_s: deadline of one ``Health/Check`` call in seconds.
         channel_factory: opens the channel to a worker's address (TLS and the
             internal token: ``engine.security.open_aio_channel``); default plaintext.
+        missing_grace_s: seconds a healthy worker absent from the registry stays
+            routable (the workers' registration TTL).
     """
 
     def __init__(
@@ -80,12 +90,14 @@ class WorkerPool:
         refresh_interval_s: float,
         health_check_timeout_s: float = 1.0,
         channel_factory: Callable[[str], grpc.aio.Channel] | None = None,
+        missing_grace_s: float = 5.0,
     ) -> None:
         self._directory = directory
         # Looked up at call time: tracing wraps ``grpc.aio.insecure_channel`` after import.
         self._channel_factory = channel_factory or (lambda address: grpc.aio.insecure_channel(address))
         self._interval_s = refresh_interval_s
         self._health_timeout_s = health_check_timeout_s
+        self._missing_grace_s = missing_grace_s
         self._workers: dict[str, _Worker] = {}
         self._retired: dict[str, _Worker] = {}  # left the registry; requests still in flight
         self._lock = asyncio.Lock()
@@ -134,9 +146,18 @@ class WorkerPool:
         """Make the known workers match ``infos`` (the registry's live workers)."""
         seen = {info.worker_id: info for info in infos}
         stale: list[_Worker] = []
+        now = time.monotonic()
         for worker_id in [wid for wid in self._workers if wid not in seen]:
-            logger.info("worker %s left the registry", worker_id)
-            self._retired[worker_id] = self._workers.pop(worker_id)
+            worker = self._workers[worker_id]
+            if worker.missing_since is None and worker.healthy:
+                worker.missing_since = now
+                logger.info(
+                    "worker %s left the registry; routable for %g s while its health check passes",
+                    worker_id,
+                    self._missing_grace_s,
+                )
+            if not worker.healthy or now - (worker.missing_since or now) >= self._missing_grace_s:
+                self._retire(worker_id, "left the registry")
         for worker_id, info in seen.items():
             known = self._workers.get(worker_id) or self._retired.pop(worker_id, None)
             if known is not None and (known.info.epoch, known.info.grpc_address) == (
@@ -144,6 +165,7 @@ class WorkerPool:
                 info.grpc_address,
             ):
                 known.info = info
+                known.missing_since = None
                 self._workers[worker_id] = known  # back from retirement (e.g. the registry was wiped)
                 continue
             if known is not None:
@@ -158,6 +180,11 @@ class WorkerPool:
             )
         await asyncio.gather(*(w.channel.close() for w in stale))
 
+    def _retire(self, worker_id: str, why: str) -> None:
+        """Stop routing to ``worker_id``; its channel closes once its requests are released."""
+        logger.info("worker %s dropped: %s", worker_id, why)
+        self._retired[worker_id] = self._workers.pop(worker_id)
+
     async def _check_health(self) -> None:
         workers = list(self._workers.values())
         results = await asyncio.gather(*(self._is_serving(w.channel) for w in workers))
@@ -165,6 +192,8 @@ class WorkerPool:
             if serving != worker.healthy:
                 logger.info("worker %s is %s", worker.info.worker_id, "healthy" if serving else "unhealthy")
             worker.healthy = serving
+            if worker.missing_since is not None and not serving:
+                self._retire(worker.info.worker_id, "absent from the registry and its health check failed")
 
     async def _is_serving(self, channel: grpc.aio.Channel) -> bool:
         stub = health_pb2_grpc.HealthStub(channel)

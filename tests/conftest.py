@@ -1,7 +1,12 @@
-"""Shared fixtures: a real ``redis-server`` on loopback for the whole session."""
+"""Shared fixtures: a real ``redis-server`` on loopback for the whole session.
+
+Without CUDA, Triton kernels run under the CPU interpreter: ``TRITON_INTERPRET`` is read
+once, when triton is first imported, so it is set here, before any test module loads.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import tempfile
@@ -11,6 +16,10 @@ from pathlib import Path
 
 import pytest
 import redis
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from tests.helpers.net import free_port
 

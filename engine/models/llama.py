@@ -13,14 +13,15 @@ chooses which projections carry a bias (Qwen2: q/k/v only) and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from engine.attention import AttentionBackend, AttentionMetadata
 from engine.config import ModelConfig
+from engine.models import fused_ops
 from engine.models.registry import register_model
 from engine.models.rope import shared_rotary_embedding
 
@@ -29,18 +30,26 @@ class RMSNorm(nn.Module):
     """Root-mean-square layer norm (Zhang & Sennrich, 2019, arXiv:1910.07467).
 
     Normalises in float32 and casts back before scaling, as the Llama reference does.
+    :meth:`add_and_norm` fuses the residual add in front of it (one kernel on CUDA,
+    see :mod:`engine.models.fused_ops`).
     """
 
     def __init__(self, hidden_size: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size))
         self.eps = eps
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x``: ``[..., hidden_size]``; returns the same shape and dtype."""
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return fused_ops.rms_norm(x, self.weight, self.eps, None, self.use_kernels)[0]
+
+    def add_and_norm(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(norm(x + residual), x + residual)`` for ``[T, hidden_size]`` inputs
+        (the kernel path overwrites ``residual`` with the sum)."""
+        out, summed = fused_ops.rms_norm(x, self.weight, self.eps, residual, self.use_kernels)
+        assert summed is not None
+        return out, summed
 
 
 class MergedLinear(nn.Linear):
@@ -91,6 +100,7 @@ class LlamaAttention(nn.Module):
             self.head_dim, config.max_position_embeddings, config.rope_theta, config.rope_scaling
         )
         self.attn_backend = attn_backend
+        self.use_kernels = False
 
     def normalize_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hook applied to ``q`` ``[T, H, D]`` and ``k`` ``[T, KVH, D]`` before RoPE; identity in Llama."""
@@ -110,7 +120,10 @@ class LlamaAttention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         q, k = self.normalize_qk(q, k)
-        q, k = self.rotary_emb(positions, q, k)
+        if self.use_kernels:
+            q, k = fused_ops.apply_rotary(positions, q, k, self.rotary_emb.cos_sin_table(positions.device))
+        else:
+            q, k = self.rotary_emb(positions, q, k)
         self.attn_backend.write_kv(layer_cache, k, v, attn_metadata)
         out = self.attn_backend.forward(q, layer_cache, attn_metadata, self.scale)
         return self.o_proj(out.reshape(num_tokens, self.q_size))
@@ -124,15 +137,20 @@ class LlamaMLP(nn.Module):
         size = config.intermediate_size
         self.gate_up_proj = MergedLinear(config.hidden_size, [size, size], config.mlp_bias)
         self.down_proj = nn.Linear(size, config.hidden_size, bias=config.mlp_bias)
+        self.use_kernels = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``[T, hidden_size]`` -> ``[T, hidden_size]``."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(fused_ops.silu_and_mul(self.gate_up_proj(x), self.use_kernels))
 
 
 class LlamaDecoderLayer(nn.Module):
-    """Pre-norm residual block: attention then MLP."""
+    """Pre-norm residual block: attention then MLP.
+
+    The residual stream travels beside the hidden states (as in vLLM) so each
+    residual add fuses into the following RMSNorm: layer ``i`` returns its MLP
+    output and the stream *before* that output is added; the next norm adds it.
+    """
 
     def __init__(self, config: ModelConfig, self_attn: LlamaAttention) -> None:
         super().__init__()
@@ -145,12 +163,20 @@ class LlamaDecoderLayer(nn.Module):
         self,
         positions: torch.Tensor,
         hidden: torch.Tensor,
+        residual: torch.Tensor | None,
         layer_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        """``[T, hidden_size]`` -> ``[T, hidden_size]``."""
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), layer_cache, attn_metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(hidden, residual)`` ``[T, hidden_size]`` each -> the same; the layer's output
+        stream is ``hidden + residual``. ``residual`` is ``None`` at the first layer."""
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm.add_and_norm(hidden, residual)
+        hidden = self.self_attn(positions, hidden, layer_cache, attn_metadata)
+        hidden, residual = self.post_attention_layernorm.add_and_norm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaModel(nn.Module):
@@ -185,6 +211,9 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, config: ModelConfig, attn_backend: AttentionBackend) -> None:
         super().__init__()
         self.config = config
+        #: Called with each layer's index once its forward (and KV write) is enqueued; set per
+        #: step by the engine thread (layer-wise KV streaming), ``None`` otherwise.
+        self.on_layer_done: Callable[[int], None] | None = None
         qkv_bias, o_bias = self.attention_biases(config)
         layers = [
             LlamaDecoderLayer(config, self.attention_cls(config, attn_backend, qkv_bias, o_bias))
@@ -227,9 +256,14 @@ class LlamaForCausalLM(nn.Module):
             Final-norm hidden states ``[T, hidden_size]`` in the model dtype.
         """
         hidden = self.model.embed_tokens(input_ids)
+        residual: torch.Tensor | None = None
         for layer_idx, layer in enumerate(self.model.layers):
-            hidden = layer(positions, hidden, kv_cache[layer_idx], attn_metadata)
-        return self.model.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, kv_cache[layer_idx], attn_metadata)
+            if self.on_layer_done is not None:  # layer-wise KV streaming (prefill_service.layer_stream)
+                self.on_layer_done(layer_idx)
+        if residual is None:
+            return self.model.norm(hidden)
+        return self.model.norm.add_and_norm(hidden, residual)[0]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``hidden`` ``[N, hidden_size]`` -> float32 logits ``[N, vocab_size]``."""

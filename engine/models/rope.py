@@ -93,7 +93,8 @@ class RotaryEmbedding(nn.Module):
         self._inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling)
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def cos_sin_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """float32 ``(cos, sin)`` tables ``[max_position, head_dim]`` on ``device`` (halves equal)."""
         if self._cos_sin is None or self._cos_sin[0].device != device:
             inv_freq = self._inv_freq.to(device)
             positions = torch.arange(self.max_position, device=device, dtype=torch.float32)
@@ -115,7 +116,7 @@ class RotaryEmbedding(nn.Module):
         Returns:
             ``(q, k)`` rotated, same shapes and dtypes (computed in float32).
         """
-        cos_table, sin_table = self._table(positions.device)
+        cos_table, sin_table = self.cos_sin_table(positions.device)
         cos = cos_table[positions].unsqueeze(1)
         sin = sin_table[positions].unsqueeze(1)
         q32, k32 = q.float(), k.float()

@@ -13,7 +13,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from engine.security import server_credentials
+from engine.security_config import TlsConfig
 from engine.serving import GrpcProcess
+from tests.helpers.certs import Pki, make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()
@@ -68,8 +71,8 @@ def healthcheck_argv() -> list[str]:
     return [sys.executable, *argv[1:]]
 
 
-async def _probe(target: str) -> int:
-    env = {**os.environ, "TANDEM_HEALTH_TARGET": target}
+async def _probe(target: str, tls_env: dict[str, str] | None = None) -> int:
+    env = {**os.environ, "TANDEM_HEALTH_TARGET": target, **(tls_env or {})}
     proc = await asyncio.create_subprocess_exec(
         *healthcheck_argv(), env=env, stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL
     )
@@ -93,3 +96,28 @@ async def _probe_server() -> tuple[int, int, int]:
 
 def test_healthcheck_exits_zero_only_when_serving() -> None:
     assert asyncio.run(_probe_server()) == (1, 0, 1)
+
+
+async def _probe_tls_server(pki: Pki) -> tuple[int, int, int, int]:
+    tls = TlsConfig(cert=pki.server_cert, key=pki.server_key, ca=pki.ca, require_client_cert=True)
+    process = GrpcProcess("127.0.0.1", 0, [], lambda server: None, credentials=server_credentials(tls))
+    await process.start()
+    await process.set_serving()
+    target = process.address
+    ca = {"TANDEM_HEALTH_TLS_CA": str(pki.ca)}
+    client = {"TANDEM_HEALTH_TLS_CERT": str(pki.client_cert), "TANDEM_HEALTH_TLS_KEY": str(pki.client_key)}
+    rogue = {"TANDEM_HEALTH_TLS_CERT": str(pki.rogue_cert), "TANDEM_HEALTH_TLS_KEY": str(pki.rogue_key)}
+    try:
+        return (
+            await _probe(target, {**ca, **client}),
+            await _probe(target),  # plaintext
+            await _probe(target, ca),  # no client certificate
+            await _probe(target, {**ca, **rogue}),
+        )
+    finally:
+        process.request_stop()
+        await process.wait_for_termination()
+
+
+def test_healthcheck_dials_mutual_tls_with_the_configured_certificates(tmp_path: Path) -> None:
+    assert asyncio.run(_probe_tls_server(make_pki(tmp_path))) == (0, 1, 1, 1)

@@ -8,6 +8,7 @@ import pytest
 
 from cli.main import build_parser
 from cli.options import router_config_from_args, router_flags, worker_config_from_args, worker_flags
+from engine.security_config import REDIS_URL_ENV, redis_url_env
 from engine.worker_config import WorkerConfig
 from router.config import RouterConfig
 
@@ -95,6 +96,8 @@ def test_worker_flags_parse_back_to_the_config(tmp_path: Path, role: str) -> Non
         transfer_port=4 if role == "decode" else 0,
         max_queue_len=5,
         load_format="dummy",
+        kernels="torch",
+        enforce_eager=True,
     )
     assert worker_config_from_args(_parse(role, *worker_flags(config)), role) == config  # type: ignore[arg-type]
 
@@ -151,3 +154,27 @@ def test_bad_values_exit_with_a_message(
         _parse(*argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_redis_password_travels_in_the_environment_not_in_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = "redis://:s3cret@10.0.0.1:6380/2"
+    router = RouterConfig(model=tmp_path, redis_url=url)
+    decode = WorkerConfig(role="decode", model=tmp_path, redis_url=url)
+    router_argv, decode_argv = router_flags(router), worker_flags(decode)
+    assert not any("s3cret" in flag for flag in [*router_argv, *decode_argv])
+    assert redis_url_env(url) == {REDIS_URL_ENV: url}
+    monkeypatch.setenv(REDIS_URL_ENV, url)
+    assert router_config_from_args(_parse("router", *router_argv)) == router
+    assert worker_config_from_args(_parse("decode", *decode_argv), "decode") == decode
+
+
+def test_a_redis_url_without_a_password_stays_a_flag(tmp_path: Path) -> None:
+    url = "redis://10.0.0.1:6380/2"
+    assert redis_url_env(url) == {}
+    assert ["--redis-url", url] == [
+        f
+        for f in worker_flags(WorkerConfig(role="decode", model=tmp_path, redis_url=url))
+        if f in ("--redis-url", url)
+    ]

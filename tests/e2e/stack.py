@@ -20,8 +20,9 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
+from cli.options import redis_url_flags
 from engine.security import bearer_metadata, open_channel
-from engine.security_config import INTERNAL_TOKEN_ENV, SecurityConfig
+from engine.security_config import INTERNAL_TOKEN_ENV, SecurityConfig, redis_url_env
 from tandem.v1 import generation_pb2, generation_pb2_grpc
 from tests.helpers.net import free_port
 
@@ -64,15 +65,21 @@ class Stack:
             sys.executable, "-m", "cli.main", "serve",
             "--model", str(model_dir), "--device", device, "--dtype", "float32",
             "--port", str(self.port), "--cluster-file", str(self.cluster_file),
-            "--redis-url", redis_url, "--redis-prefix", f"t{self.port}",
+            *redis_url_flags(redis_url), "--redis-prefix", f"t{self.port}",
             "--run-dir", str(run_dir / "logs"), *args,
         ]  # fmt: skip
+        self.redis_env = redis_url_env(redis_url)  # a password stays off command lines
         self.proc: subprocess.Popen[bytes] | None = None
         self.cluster: dict[str, Any] = {}
         self.channel: grpc.Channel | None = None
 
     def start(self, timeout_s: float = 180.0) -> Stack:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", INTERNAL_TOKEN_ENV: self.internal_token}
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            INTERNAL_TOKEN_ENV: self.internal_token,
+            **self.redis_env,
+        }
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(self.cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout_s

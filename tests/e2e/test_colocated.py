@@ -52,6 +52,20 @@ def test_colocated_matches_transformers(stack: Stack, model: Path) -> None:
         assert list(pool.map(run, prompts)) == expected
 
 
+def test_colocated_two_completions_and_prompt_logprobs(stack: Stack, model: Path) -> None:
+    prompt = list(range(3, 40))  # longer than the 24-token budget: chunked prefill
+    expected = hf_greedy(model, prompt, 10)
+    sampling = SamplingParams(max_tokens=10, n=2, prompt_logprobs=1)
+    request = GenerateRequest(prompt_token_ids=prompt, sampling=sampling, priority=1)
+    msgs = list(stack.stub.GenerateStream(request, timeout=60))
+    for index in (0, 1):
+        assert [t for m in msgs if m.index == index for t in m.token_ids] == expected
+    assert [e.token_id for e in msgs[0].prompt_logprobs] == prompt[1:]
+    unary = stack.stub.Generate(request, timeout=60)
+    assert [list(c.token_ids) for c in unary.choices] == [expected, expected]
+    assert unary.usage.completion_tokens == 2 * len(expected)
+
+
 def test_cancel_frees_blocks(stack: Stack) -> None:
     call = stack.stub.GenerateStream(
         GenerateRequest(

@@ -140,8 +140,9 @@ def test_cancel_and_deadline_free_every_block(stack: Stack) -> None:
     it = iter(call)
     next(it), next(it)
     call.cancel()
-    # A deadline that expires mid-generation, and one that expires during prefill.
-    for timeout in (0.5, 0.02):
+    # A deadline that expires mid-generation (150 tokens take ~0.5 s here), and one that
+    # expires during prefill or right after it, before the decode worker took the request.
+    for timeout in (0.25, 0.02):
         with pytest.raises(grpc.RpcError) as info:
             stack.stub.Generate(
                 GenerateRequest(prompt_token_ids=list(range(3, 90)), sampling=long), timeout=timeout

@@ -14,6 +14,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -185,6 +186,45 @@ def owners(client: Any, prefix: str, block_hash: bytes) -> set[str]:
     return {k.decode() for k in client.hkeys(blk_key(prefix, block_hash))}
 
 
+class SteadyLoad:
+    """Sends one greedy 4-token request every ``interval_s`` from a thread until stopped
+    (bounded: at most ``limit`` requests), recording each outcome."""
+
+    def __init__(self, stub: generation_pb2_grpc.GenerationStub, interval_s: float, limit: int) -> None:
+        self._stub, self._interval_s, self._limit = stub, interval_s, limit
+        self._stop = threading.Event()
+        self._futures: list[Any] = []
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> SteadyLoad:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        rng = random.Random(12)
+        while not self._stop.is_set() and len(self._futures) < self._limit:
+            prompt = [rng.randrange(2, VOCAB) for _ in range(rng.choice((20, 40, 70)))]
+            request = generation_pb2.GenerateRequest(
+                prompt_token_ids=prompt, sampling=generation_pb2.SamplingParams(max_tokens=4, ignore_eos=True)
+            )
+            self._futures.append(self._stub.Generate.future(request, timeout=60))
+            self._stop.wait(self._interval_s)
+
+    def outcomes(self) -> list[str]:
+        """Each request's status code name, or "OK:<n tokens>", in sending order."""
+        results = []
+        for future in self._futures:
+            try:
+                results.append(f"OK:{len(future.result().token_ids)}")
+            except grpc.RpcError as exc:
+                results.append(f"{exc.code().name}: {exc.details()}")
+        return results
+
+
 def test_redis_outage_fails_no_request_and_the_index_resyncs(stack: Stack, redis_server) -> None:
     prefix = prefix_of(stack)
     client: Any = redis.Redis.from_url(redis_server.url)
@@ -194,15 +234,30 @@ def test_redis_outage_fails_no_request_and_the_index_resyncs(stack: Stack, redis
     first_block = hash_prompt_blocks(before, BLOCK, model_id=model_id)[0]
     wait_for(lambda: bool(owners(client, prefix, first_block)), 5, "the index to learn the prompt")
     holder = owners(client, prefix, first_block)
+    ids = [p["id"] for p in stack.processes("prefill", "decode")]
 
-    redis_server.stop()
-    try:
-        rng = random.Random(11)
-        for i in range(6):  # new prompts (events buffered on the workers) and repeats
-            prompt = before if i % 2 else [rng.randrange(2, VOCAB) for _ in range(64)]
-            assert len(generate(stack.stub, prompt).token_ids) == 4
-    finally:
-        redis_server.start()  # empty: every index entry is gone
+    # Requests flow all along (one per 100 ms) through the outage, the restart of an empty
+    # Redis and the workers' re-registration: the router keeps every live worker routable.
+    with SteadyLoad(stack.stub, interval_s=0.1, limit=200) as load:
+        time.sleep(0.5)
+        redis_server.stop()
+        try:
+            rng = random.Random(11)
+            for i in range(6):  # new prompts (events buffered on the workers) and repeats
+                prompt = before if i % 2 else [rng.randrange(2, VOCAB) for _ in range(64)]
+                assert len(generate(stack.stub, prompt).token_ids) == 4
+        finally:
+            redis_server.start()  # empty: every registration and index entry is gone
+        # The workers re-register and publish their buffered events; the router finds a gap
+        # (the state is gone but the events do not start at 1) and resyncs from snapshots,
+        # which bring back the prompt computed before the outage.
+        wait_for(lambda: holder <= owners(client, prefix, first_block), 15, "the resync from a snapshot")
+        wait_for(lambda: all(client.exists(f"{prefix}:worker:{i}") for i in ids), 10, "re-registration")
+        time.sleep(1.0)  # and past the router's next refresh
+    outcomes = load.outcomes()
+    print(f"{len(outcomes)} requests during the outage window")
+    assert len(outcomes) >= 30
+    assert [o for o in outcomes if o != "OK:4"] == []
     router = stack.processes("router")[0]
     assert (
         labelled_metric(
@@ -210,15 +265,8 @@ def test_redis_outage_fails_no_request_and_the_index_resyncs(stack: Stack, redis
         )
         > 0
     )
-    # The workers re-register and publish their buffered events; the router finds a gap
-    # (the state is gone but the events do not start at 1) and resyncs from snapshots,
-    # which bring back the prompt computed before the outage.
-    wait_for(lambda: holder <= owners(client, prefix, first_block), 15, "the resync from a snapshot")
-    # Redis came back empty: the router's pool dropped the workers until they re-registered
-    # (within a heartbeat); let it see them again before the last requests.
-    ids = [p["id"] for p in stack.processes("prefill", "decode")]
-    wait_for(lambda: all(client.exists(f"{prefix}:worker:{i}") for i in ids), 10, "re-registration")
-    time.sleep(1.5)
+    router_log = (stack.cluster_file.parent / "logs" / "router.log").read_text()
+    assert "prefix index: Redis unreachable, routing by load only" in router_log
     for _ in range(3):
         assert len(generate(stack.stub, before).token_ids) == 4
     client.close()

@@ -60,7 +60,8 @@ BAD = [
     (SamplingParams(stop=[str(i) for i in range(17)]), "sampling.stop"),
     (SamplingParams(stop_token_ids=[512]), "sampling.stop_token_ids"),
     (SamplingParams(logprobs=21), "sampling.logprobs"),
-    (SamplingParams(n=2), "sampling.n"),
+    (SamplingParams(n=17), "sampling.n"),
+    (SamplingParams(prompt_logprobs=21), "sampling.prompt_logprobs"),
 ]
 
 
@@ -75,11 +76,45 @@ def test_every_new_validation_error_names_its_field(stack: Stack) -> None:
                 call(request, timeout=30)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, field
             assert info.value.details().startswith(f"{field}: "), info.value.details()
-    with pytest.raises(grpc.RpcError) as info:
-        stack.stub.Generate(
-            GenerateRequest(prompt_token_ids=PROMPT, sampling=SamplingParams(n=2)), timeout=30
-        )
-    assert info.value.details() == "sampling.n: n > 1 is not supported yet"
+
+
+def test_two_completions_prompt_logprobs_and_priority(stack: Stack, model_dir: Path) -> None:
+    """n=2 through router -> prefill (once) -> decode (forks): both greedy choices equal
+    transformers; stream indexes; prompt log-probabilities on the first message."""
+    expected, _ = hf_generate(model_dir, PROMPT, 9)
+    sampling = SamplingParams(max_tokens=9, ignore_eos=True, n=2, prompt_logprobs=2)
+    request = GenerateRequest(prompt_token_ids=PROMPT, sampling=sampling, priority=-3)
+    unary = stack.stub.Generate(request, timeout=60)
+    assert [c.index for c in unary.choices] == [0, 1]
+    assert [list(c.token_ids) for c in unary.choices] == [expected, expected]
+    assert list(unary.token_ids) == expected and unary.text == unary.choices[0].text
+    assert unary.usage.completion_tokens == 18
+    model: Any = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        reference = torch.log_softmax(model(torch.tensor([PROMPT])).logits[0].float(), dim=-1)
+    assert [e.token_id for e in unary.prompt_logprobs] == PROMPT[1:]
+    for p, entry in enumerate(unary.prompt_logprobs, start=1):
+        assert entry.logprob == pytest.approx(reference[p - 1, PROMPT[p]].item(), abs=1e-4)
+        assert len(entry.top_logprobs) == 2
+    msgs = list(stack.stub.GenerateStream(request, timeout=60))
+    assert len(msgs[0].prompt_logprobs) == len(PROMPT) - 1
+    assert all(not m.prompt_logprobs for m in msgs[1:])
+    for index in (0, 1):
+        mine = [m for m in msgs if m.index == index]
+        assert [t for m in mine for t in m.token_ids] == expected
+        assert mine[-1].finish_reason == generation_pb2.FINISH_REASON_LENGTH
+    assert msgs[-1].usage.completion_tokens == 18
+    assert stack.wait_blocks_free() == {p["id"]: 0.0 for p in stack.processes("prefill", "decode")}
+
+
+def test_seeded_completions_differ_and_repeat(stack: Stack) -> None:
+    sampling = SamplingParams(max_tokens=8, ignore_eos=True, n=3, temperature=1.0, seed=42)
+    request = GenerateRequest(prompt_token_ids=PROMPT, sampling=sampling)
+    first = stack.stub.Generate(request, timeout=60)
+    again = stack.stub.Generate(request, timeout=60)
+    choices = [list(c.token_ids) for c in first.choices]
+    assert choices == [list(c.token_ids) for c in again.choices]
+    assert len({tuple(c) for c in choices}) == 3
 
 
 def test_stop_string_split_across_tokens_ends_the_text(stack: Stack, model_dir: Path) -> None:

@@ -168,3 +168,12 @@ def test_secrets_stay_out_of_command_lines_and_logs(stack: Stack) -> None:
         for secret in (REDIS_PASSWORD, stack.internal_token, FILE_TOKEN, INLINE_TOKEN):
             assert secret not in text, (path.name, secret)
     assert stack.cluster["redis_url"].startswith("redis://:***@127.0.0.1:")
+
+
+def test_the_redis_password_is_on_no_command_line(stack: Stack) -> None:
+    assert stack.proc is not None
+    pids = [stack.proc.pid, *(p["pid"] for p in stack.cluster["processes"])]
+    assert len(pids) >= 4  # serve, router, prefill, decode
+    for pid in pids:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode()
+        assert REDIS_PASSWORD not in cmdline, cmdline.replace("\0", " ")

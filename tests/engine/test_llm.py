@@ -124,8 +124,8 @@ def test_bad_requests_are_refused_and_leave_nothing_queued(llm: LLM) -> None:
     too_long = [5] * llm.max_model_len
     with pytest.raises(InvalidRequest, match="max_model_len"):
         llm.generate([[0, 5], too_long], use_tqdm=False)  # the first was queued, then aborted
-    with pytest.raises(InvalidRequest, match="n > 1 is not supported"):
-        llm.generate("a", SamplingParams(n=2), use_tqdm=False)
+    with pytest.raises(InvalidRequest, match="1 priorities for 2 prompts"):
+        llm.generate(["a", "b"], SamplingParams(n=2), use_tqdm=False, priority=[0])
     with pytest.raises(InvalidRequest, match="must be a string or a list of token ids"):
         llm.generate([1.5], use_tqdm=False)  # type: ignore[list-item]
     assert not llm.engine_core.has_unfinished_requests()

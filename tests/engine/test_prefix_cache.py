@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -124,6 +125,9 @@ class EchoRunner:
     def execute(self, seqs: list[SequenceInput]) -> list[int | TokenLogprobs | None]:
         self.seen.extend(seqs)
         return [7 if s.sample else None for s in seqs]
+
+    def copy_blocks(self, pairs: Sequence[tuple[int, int]]) -> None:
+        raise AssertionError("no request here forks, so no block is copied")
 
 
 def test_scheduler_starts_after_the_cached_prefix() -> None:

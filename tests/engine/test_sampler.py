@@ -33,6 +33,17 @@ def test_greedy_is_argmax_with_ties_to_lowest_id() -> None:
     assert draw(Sampler(), logits, [GREEDY] * 3, [0, 0, 0]) == [1, 0, 2]
 
 
+def test_all_greedy_fast_path_matches_the_general_path_on_bfloat16() -> None:
+    """The all-greedy fast path (argmax without the float32 copy) picks the ids the
+    general path picks for the same rows when a sampled row forces it."""
+    logits = random_logits(8, vocab=300, seed=4).bfloat16()
+    logits[2, [11, 250]] = 40.0  # an exact tie in bfloat16: the lower id
+    fast = draw(Sampler(), logits, [GREEDY] * 8, [0] * 8)
+    mixed = draw(Sampler(), logits, [GREEDY] * 7 + [SamplingParams(temperature=1.0, seed=1)], [0] * 8)
+    assert fast[2] == 11
+    assert fast[:7] == mixed[:7] == logits.float().argmax(dim=-1).tolist()[:7]
+
+
 def test_top_k_one_equals_greedy() -> None:
     logits = random_logits(6)
     logits[0, [7, 9]] = 100.0  # a tie: the lower id wins, as in argmax

@@ -49,7 +49,7 @@ BAD = [
     ({"stop_token_ids": [1, VOCAB]}, "sampling.stop_token_ids", f"token id {VOCAB} at index 1"),
     ({"logprobs": 21}, "sampling.logprobs", "[0, 20]"),
     ({"n": 17}, "sampling.n", "[1, 16]"),
-    ({"n": 2}, "sampling.n", "n > 1 is not supported yet"),
+    ({"prompt_logprobs": 21}, "sampling.prompt_logprobs", "[0, 20]"),
 ]
 
 

@@ -85,7 +85,7 @@ def ids(views: list) -> list[str]:
 def test_pool_sees_new_workers_and_drops_unhealthy_and_expired(redis_url: str) -> None:
     async def main() -> None:
         directory = WorkerDirectory(redis_url, PREFIX)
-        pool = WorkerPool(directory, refresh_interval_s=0.05, health_check_timeout_s=0.5)
+        pool = WorkerPool(directory, refresh_interval_s=0.05, health_check_timeout_s=0.5, missing_grace_s=0.5)
         p0 = await FakeWorker.start("p0", PREFILL)
         d0 = await FakeWorker.start("d0", DECODE)
         d1 = await FakeWorker.start("d1", DECODE)
@@ -127,6 +127,48 @@ def test_pool_sees_new_workers_and_drops_unhealthy_and_expired(redis_url: str) -
             await pool.wait_for_workers(prefill=1, decode=1, timeout_s=0.2)
         await pool.close()
         for worker in (p0, d0, d1):
+            await worker.close()
+        await directory.close()
+
+    asyncio.run(main())
+
+
+def test_a_live_worker_missing_from_the_registry_stays_routable_for_one_ttl(redis_url: str) -> None:
+    """Redis restarting empty loses every registration: live workers stay routable for the grace
+    (one registration TTL) unless their health check fails; then they are dropped."""
+
+    async def main() -> None:
+        directory = WorkerDirectory(redis_url, PREFIX)
+        pool = WorkerPool(directory, refresh_interval_s=10.0, missing_grace_s=1.0)
+        d0 = await FakeWorker.start("d0", DECODE)
+        d1 = await FakeWorker.start("d1", DECODE)
+        await d0.register(redis_url, interval_s=60.0)
+        await d1.register(redis_url, interval_s=60.0)
+        await pool.refresh()
+        assert ids(pool.healthy(DECODE)) == ["d0", "d1"]
+        client = redis.Redis.from_url(redis_url)
+        client.flushdb()  # Redis came back empty; the heartbeats have not re-registered yet
+        await pool.refresh()
+        assert ids(pool.healthy(DECODE)) == ["d0", "d1"]
+        await d1.server.stop(grace=None)  # really gone: its health check fails, dropped at once
+        await pool.refresh()
+        assert ids(pool.healthy(DECODE)) == ["d0"]
+        with pytest.raises(WorkerUnavailable, match="d1"):
+            pool.channel("d1")
+        await asyncio.sleep(0.6)
+        await pool.refresh()
+        assert ids(pool.healthy(DECODE)) == ["d0"]  # still inside its grace
+        await asyncio.sleep(0.5)
+        await pool.refresh()
+        assert ids(pool.healthy(DECODE)) == []  # healthy, but unregistered for a whole TTL
+        assert d0.registration is not None
+        await d0.registration.stop()
+        await d0.register(redis_url)  # re-registers (epoch 1 again: the counter was flushed too)
+        await pool.refresh()
+        assert ids(pool.healthy(DECODE)) == ["d0"]
+        client.close()
+        await pool.close()
+        for worker in (d0, d1):
             await worker.close()
         await directory.close()
 

@@ -82,3 +82,107 @@ class KvTransferAck(_message.Message):
     error: str
     code: str
     def __init__(self, ok: bool = ..., error: _Optional[str] = ..., code: _Optional[str] = ...) -> None: ...
+
+class KvPeerInfo(_message.Message):
+    __slots__ = ("worker_id", "host_id", "device_type", "device_index", "device_uuid", "layout")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HOST_ID_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_UUID_FIELD_NUMBER: _ClassVar[int]
+    LAYOUT_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    host_id: str
+    device_type: str
+    device_index: int
+    device_uuid: str
+    layout: LayoutDescriptor
+    def __init__(self, worker_id: _Optional[str] = ..., host_id: _Optional[str] = ..., device_type: _Optional[str] = ..., device_index: _Optional[int] = ..., device_uuid: _Optional[str] = ..., layout: _Optional[_Union[LayoutDescriptor, _Mapping]] = ...) -> None: ...
+
+class KvHello(_message.Message):
+    __slots__ = ("peer", "transport")
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    peer: KvPeerInfo
+    transport: str
+    def __init__(self, peer: _Optional[_Union[KvPeerInfo, _Mapping]] = ..., transport: _Optional[str] = ...) -> None: ...
+
+class CudaIpcExport(_message.Message):
+    __slots__ = ("handle", "storage_size_bytes", "storage_offset_bytes", "ref_counter_handle", "ref_counter_offset", "event_handle", "event_sync_required", "shape", "stride", "storage_offset", "dtype", "device_index")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_BYTES_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    REF_COUNTER_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EVENT_HANDLE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_SYNC_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    STRIDE_FIELD_NUMBER: _ClassVar[int]
+    STORAGE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_INDEX_FIELD_NUMBER: _ClassVar[int]
+    handle: bytes
+    storage_size_bytes: int
+    storage_offset_bytes: int
+    ref_counter_handle: bytes
+    ref_counter_offset: int
+    event_handle: bytes
+    event_sync_required: bool
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    stride: _containers.RepeatedScalarFieldContainer[int]
+    storage_offset: int
+    dtype: str
+    device_index: int
+    def __init__(self, handle: _Optional[bytes] = ..., storage_size_bytes: _Optional[int] = ..., storage_offset_bytes: _Optional[int] = ..., ref_counter_handle: _Optional[bytes] = ..., ref_counter_offset: _Optional[int] = ..., event_handle: _Optional[bytes] = ..., event_sync_required: bool = ..., shape: _Optional[_Iterable[int]] = ..., stride: _Optional[_Iterable[int]] = ..., storage_offset: _Optional[int] = ..., dtype: _Optional[str] = ..., device_index: _Optional[int] = ...) -> None: ...
+
+class NcclRendezvous(_message.Message):
+    __slots__ = ("store_host", "store_port", "prefix", "backend", "staging_bytes", "sender_rank", "receiver_rank")
+    STORE_HOST_FIELD_NUMBER: _ClassVar[int]
+    STORE_PORT_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    STAGING_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SENDER_RANK_FIELD_NUMBER: _ClassVar[int]
+    RECEIVER_RANK_FIELD_NUMBER: _ClassVar[int]
+    store_host: str
+    store_port: int
+    prefix: str
+    backend: str
+    staging_bytes: int
+    sender_rank: int
+    receiver_rank: int
+    def __init__(self, store_host: _Optional[str] = ..., store_port: _Optional[int] = ..., prefix: _Optional[str] = ..., backend: _Optional[str] = ..., staging_bytes: _Optional[int] = ..., sender_rank: _Optional[int] = ..., receiver_rank: _Optional[int] = ...) -> None: ...
+
+class KvExport(_message.Message):
+    __slots__ = ("ok", "error", "code", "peer", "transport", "cuda_ipc", "nccl")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    PEER_FIELD_NUMBER: _ClassVar[int]
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    CUDA_IPC_FIELD_NUMBER: _ClassVar[int]
+    NCCL_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    error: str
+    code: str
+    peer: KvPeerInfo
+    transport: str
+    cuda_ipc: CudaIpcExport
+    nccl: NcclRendezvous
+    def __init__(self, ok: bool = ..., error: _Optional[str] = ..., code: _Optional[str] = ..., peer: _Optional[_Union[KvPeerInfo, _Mapping]] = ..., transport: _Optional[str] = ..., cuda_ipc: _Optional[_Union[CudaIpcExport, _Mapping]] = ..., nccl: _Optional[_Union[NcclRendezvous, _Mapping]] = ...) -> None: ...
+
+class KvWriteGrant(_message.Message):
+    __slots__ = ("granted", "final")
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    granted: bool
+    final: KvTransferAck
+    def __init__(self, granted: bool = ..., final: _Optional[_Union[KvTransferAck, _Mapping]] = ...) -> None: ...
+
+class KvWriteDone(_message.Message):
+    __slots__ = ("ok", "error")
+    OK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    ok: bool
+    error: str
+    def __init__(self, ok: bool = ..., error: _Optional[str] = ...) -> None: ...

@@ -1,0 +1,1 @@
+"""Tests of ``prefill_service``."""
