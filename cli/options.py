@@ -174,6 +174,13 @@ def add_worker_options(parser: argparse.ArgumentParser, *, role: Role | None) ->
         group.add_argument(
             "--worker-id", metavar="ID", help="stable worker id (default: <role>-<hostname>-<pid>)"
         )
+    group.add_argument(
+        "--advertise-host",
+        metavar="HOST",
+        help="address registered in Redis for the gRPC, metrics and KV transfer servers, for when the "
+        "bound --host is not what other machines dial (e.g. --host 0.0.0.0 --advertise-host <pod IP>) "
+        "(default: --host)",
+    )
     if role == "decode":
         group.add_argument(
             "--transfer-port",
@@ -325,6 +332,7 @@ def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfi
         kv_cache_memory_bytes=int(args.kv_cache_memory_gb * GIB),
         block_size=args.block_size,
         host=args.host,
+        advertise_host=args.advertise_host,
         port=args.port,
         metrics_port=args.metrics_port,
         redis_url=args.redis_url or os.environ.get(REDIS_URL_ENV) or WorkerConfig.redis_url,
@@ -407,6 +415,8 @@ def worker_flags(config: WorkerConfig) -> list[str]:
         flags += ["--num-kv-blocks", str(config.num_kv_blocks)]
     if config.worker_id is not None:
         flags += ["--worker-id", config.worker_id]
+    if config.advertise_host is not None:
+        flags += ["--advertise-host", config.advertise_host]
     if config.role == "decode":
         flags += ["--transfer-port", str(config.transfer_port)]
     if config.enforce_eager:

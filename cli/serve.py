@@ -11,7 +11,11 @@ Steps:
 5. Wait until every one reports SERVING on ``grpc.health.v1``; print the table and write
    ``--cluster-file`` (atomically).
 6. Serve until SIGINT/SIGTERM (exit 0) or until a child dies (exit 1); then stop the
-   router, then the workers, then Redis, and remove the cluster file.
+   router, then the workers, then Redis, and remove the cluster file. A worker that
+   exits 0 (someone sent it SIGTERM and it drained) while another worker of its kind
+   runs is logged and dropped from the cluster file, and the cluster serves on; a
+   crash (non-zero exit code or a signal), the router's exit or the exit of the last
+   worker of a kind stops the cluster (``cli.supervisor.tolerated_exit``).
 
 Process, gRPC, Redis and rich modules are imported inside the functions that use them,
 so that building the ``tandem`` parser (``tandem --help``, ``tandem generate``) stays fast.
@@ -236,7 +240,7 @@ def run(args: argparse.Namespace, *, command_builder: CommandBuilder = default_c
                 "Ctrl-C stops",
                 flush=True,
             )
-            return _serve_until_stopped(supervisor, redis, stop)
+            return _serve_until_stopped(supervisor, redis, stop, args.cluster_file, redis_url)
         except (RedisUnavailable, StartupError) as error:
             print(f"tandem serve: {error}", file=sys.stderr)
             return 1
@@ -264,7 +268,8 @@ def cluster_summary(supervisor: Supervisor, redis: RedisProcess | None, redis_ur
             }
         )
     ordered = sorted(
-        supervisor.children, key=lambda c: ("router", "prefill", "decode", "colocated").index(c.spec.kind)
+        (c for c in supervisor.children if c not in supervisor.exited),
+        key=lambda c: ("router", "prefill", "decode", "colocated").index(c.spec.kind),
     )
     for child in ordered:
         processes.append(
@@ -296,11 +301,29 @@ def write_json_atomic(path: Path, content: dict[str, Any]) -> None:
         raise
 
 
-def _serve_until_stopped(supervisor: Supervisor, redis: RedisProcess | None, stop: threading.Event) -> int:
+def _serve_until_stopped(
+    supervisor: Supervisor,
+    redis: RedisProcess | None,
+    stop: threading.Event,
+    cluster_file: Path | None,
+    redis_url: str,
+) -> int:
     while not stop.wait(0.2):
-        dead = supervisor.first_exited()
+        drained, dead = supervisor.check_exits()
+        for child in drained:
+            left = len(supervisor.running(child.spec.kind))
+            print(
+                f"tandem serve: {child.spec.id} (pid {child.pid}) exited with code 0 (drained); "
+                f"{left} {child.spec.kind} worker(s) still serving",
+                file=sys.stderr,
+                flush=True,
+            )
+        if drained and cluster_file is not None:
+            write_json_atomic(cluster_file, cluster_summary(supervisor, redis, redis_url))
         if dead is not None:
             print(f"tandem serve: {dead.describe_exit()}", file=sys.stderr)
+            if dead.popen.returncode == 0 and dead.spec.kind != "router":
+                print(f"tandem serve: no {dead.spec.kind} worker left; stopping", file=sys.stderr)
             return 1
         if redis is not None and redis.poll() is not None:
             print(f"tandem serve: redis-server (pid {redis.pid}) exited; log {redis.log}", file=sys.stderr)

@@ -8,7 +8,9 @@ Lifecycle of each child, as ``tandem serve`` drives it:
 2. ``wait_serving``: poll ``grpc.health.v1.Health/Check`` (service ``""``) of every child
    until each answers SERVING; fail fast with the log's tail when a child exits or the
    timeout passes.
-3. ``first_exited``: while serving, any child that exits is a failure.
+3. ``check_exits``: while serving, a child that exits is a failure, except a worker
+   that exits 0 (it drained after its own SIGTERM) while another worker of its kind
+   is still running: that one is logged and the cluster serves on.
 4. ``stop_all``: SIGTERM the routers' process groups and wait up to the grace period,
    then the workers', SIGKILL whatever is left after each grace period, reap all.
 
@@ -126,6 +128,8 @@ class Supervisor:
         self.run_dir = run_dir
         self.grace_s = grace_s
         self.children: list[Child] = []
+        #: Workers whose clean exit :meth:`check_exits` let pass.
+        self.exited: list[Child] = []
         self._env = {**os.environ, **env} if env else None
         self._security = security or SecurityConfig()
 
@@ -177,9 +181,27 @@ class Supervisor:
             for channel in channels.values():
                 channel.close()
 
-    def first_exited(self) -> Child | None:
-        """The first child (in start order) that has exited, or ``None``."""
-        return next((child for child in self.children if child.popen.poll() is not None), None)
+    def check_exits(self) -> tuple[list[Child], Child | None]:
+        """Children that exited since the last call, split by :func:`tolerated_exit`.
+
+        Returns:
+            ``(drained, failed)``: workers that exited 0 with another of their kind still
+            running, in start order, and the first other exited child (a crash, a router,
+            the last worker of a kind), or ``None``.
+        """
+        drained: list[Child] = []
+        for child in self.children:
+            if child in self.exited or child.popen.poll() is None:
+                continue
+            if not tolerated_exit(child, self.running(child.spec.kind)):
+                return drained, child
+            self.exited.append(child)
+            drained.append(child)
+        return drained, None
+
+    def running(self, kind: str) -> list[Child]:
+        """Children of ``kind`` that have not exited."""
+        return [c for c in self.children if c.spec.kind == kind and c.popen.poll() is None]
 
     def stop_all(self) -> None:
         """SIGTERMs the routers, then the other children; each group gets ``grace_s`` before SIGKILL."""
@@ -187,6 +209,14 @@ class Supervisor:
         workers = [child for child in self.children if child.spec.kind != "router"]
         for group in (routers, workers):
             terminate(group, self.grace_s)
+
+
+def tolerated_exit(child: Child, running_of_kind: Sequence[Child]) -> bool:
+    """Whether the cluster can serve on after ``child`` exited: a worker (not the router)
+    that exited with code 0, which a worker does only after draining on SIGTERM, while
+    ``running_of_kind`` (the others of its kind still running) is not empty. A crash
+    (non-zero code, a signal) stops the cluster, as does any router exit."""
+    return child.spec.kind != "router" and child.popen.returncode == 0 and bool(running_of_kind)
 
 
 def terminate(children: Sequence[Child], grace_s: float) -> None:

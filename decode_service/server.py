@@ -53,7 +53,7 @@ class DecodeRole(WorkerRole):
             port=config.transfer_port,
             **tls,
         )
-        address = await self.receiver.start()
+        address = config.advertised(await self.receiver.start())  # what prefill workers dial
         assert self.service is not None
         self.service.attach(self.receiver, address)
         return transport, address

@@ -109,6 +109,7 @@ class ModelConfig:
             raise KeyError("architectures")
         heads = int(cfg["num_attention_heads"])
         rope_theta, rope_scaling = _rope_fields(cfg)
+        _check_supported(cfg)
         return cls(
             path=path,
             name=path.resolve().name,
@@ -139,28 +140,55 @@ def _rope_fields(cfg: dict[str, Any]) -> tuple[float, dict[str, Any] | None]:
     """``(rope_theta, rope_scaling)`` from either config spelling.
 
     ``rope_scaling`` is ``None`` for plain RoPE (type ``"default"``); its
-    ``"type"`` key (older checkpoints) is renamed ``"rope_type"``.
+    ``"type"`` key (older checkpoints) is renamed ``"rope_type"``. As in
+    transformers, ``original_max_position_embeddings`` of the scaled types that
+    need it defaults to the config's top-level field or ``max_position_embeddings``.
     """
     params = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
-    theta = float(params.pop("rope_theta", cfg.get("rope_theta", _DEFAULT_ROPE_THETA)))
+    theta = float(params.pop("rope_theta", None) or cfg.get("rope_theta") or _DEFAULT_ROPE_THETA)
     if "type" in params:
         params.setdefault("rope_type", params.pop("type"))
+    partial = params.pop("partial_rotary_factor", cfg.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        raise ValueError(
+            f"partial_rotary_factor {partial} is not supported (only 1.0: rotary over the whole head)"
+        )
     if params.get("rope_type", "default") == "default":
         return theta, None
+    if params["rope_type"] in ("llama3", "yarn"):
+        original = cfg.get("original_max_position_embeddings") or cfg["max_position_embeddings"]
+        params.setdefault("original_max_position_embeddings", original)
     return theta, params
+
+
+def _check_supported(cfg: dict[str, Any]) -> None:
+    """Reject config fields whose values Tandem's models do not implement (the message names the field)."""
+    act = cfg.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise ValueError(f"hidden_act {act!r} is not supported (only 'silu', alias 'swish': SwiGLU)")
+
+
+#: Architectures whose ``sliding_window`` applies only with ``use_sliding_window``
+#: (default false), and then only to layers from ``max_window_layers`` on (as transformers).
+_OPT_IN_WINDOW_ARCHS = ("Qwen2ForCausalLM", "Qwen3ForCausalLM")
 
 
 def _sliding_window(cfg: dict[str, Any]) -> int | None:
     """The active sliding window (tokens), or ``None``.
 
+    Mistral's ``sliding_window`` always applies (``null`` turns it off).
     Qwen2/Qwen3 configs carry a ``sliding_window`` that only applies with
-    ``use_sliding_window``; transformers 5 configs also list ``layer_types``.
+    ``use_sliding_window`` (default false) to layers ``>= max_window_layers``
+    (default 28); transformers 5 configs also list ``layer_types``.
     """
     window = cfg.get("sliding_window")
-    if window is None or cfg.get("use_sliding_window", True) is False:
+    opt_in = (cfg.get("architectures") or [None])[0] in _OPT_IN_WINDOW_ARCHS
+    if window is None or cfg.get("use_sliding_window", not opt_in) is False:
         return None
     layer_types = cfg.get("layer_types")
-    if layer_types is not None and "sliding_attention" not in layer_types:
+    if layer_types is not None:
+        return int(window) if "sliding_attention" in layer_types else None
+    if opt_in and int(cfg["num_hidden_layers"]) <= int(cfg.get("max_window_layers", 28)):
         return None
     return int(window)
 

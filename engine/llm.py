@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import overload
 
+import torch
 from tqdm.auto import tqdm
 
 from engine.batch import TokenLogprobs
@@ -143,7 +144,7 @@ class LLM:
         enforce_eager: bool = False,
     ) -> None:
         self.model_config = ModelConfig.from_pretrained(model)
-        device = resolve_device(device)
+        device = resolve_device(_check_device(device))
         self.max_model_len = resolve_max_model_len(self.model_config, max_model_len)
         self.runner = ModelRunner(
             self.model_config,
@@ -364,6 +365,23 @@ class _RequestTracker:
             outputs=outputs,
             prompt_logprobs=prompt_logprobs,
         )
+
+
+def _check_device(device: str) -> str:
+    """``device`` unchanged when it names one this process can use.
+
+    Raises:
+        ValueError: not ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, or CUDA
+            (or GPU ``N``) is not available.
+    """
+    kind, _, index = device.partition(":")
+    if device in ("auto", "cpu") or (kind == "cuda" and (not index or index.isdigit())):
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: CUDA is not available in this process")
+        if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
+        return device
+    raise ValueError(f"device {device!r} is not one of auto, cpu, cuda, cuda:N")
 
 
 def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptType]:

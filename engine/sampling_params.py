@@ -18,6 +18,8 @@ DEFAULT_MAX_TOKENS = 16
 MAX_LOGPROBS = 20
 #: Most stop strings per request.
 MAX_STOP_STRINGS = 16
+#: Longest stop string (characters).
+MAX_STOP_STRING_CHARS = 1024
 #: Most completions per prompt.
 MAX_N = 16
 _GOLDEN_GAMMA = 0x9E3779B97F4A7C15
@@ -30,7 +32,7 @@ class SamplingParams:
 
     Attributes:
         max_tokens: most tokens to generate (>= 1).
-        temperature: softmax temperature; 0 means greedy (>= 0).
+        temperature: softmax temperature; 0 means greedy (>= 0 and finite).
         top_p: nucleus mass in (0, 1]; 1.0 is off.
         top_k: keep the k most likely tokens; 0 is off.
         seed: seed of the request's random stream; ``None`` draws from the
@@ -48,7 +50,8 @@ class SamplingParams:
         frequency_penalty: subtracted from the logit of each token once per
             occurrence in the output; in [-2, 2].
         stop: strings that end generation when the text contains them (the text
-            is cut before the match); at most 16, none empty. Stored as a tuple
+            is cut before the match); at most 16, none empty, each at most 1024
+            characters. Stored as a tuple
             (a single ``str`` is one stop string).
         stop_token_ids: token ids that end generation like EOS, also with
             ``ignore_eos``; the stop token is kept. Stored as a tuple.
@@ -108,8 +111,8 @@ class SamplingParams:
         """
         if self.max_tokens < 1:
             raise InvalidRequest("sampling.max_tokens", f"must be >= 1, got {self.max_tokens}")
-        if not self.temperature >= 0.0:  # also rejects NaN
-            raise InvalidRequest("sampling.temperature", f"must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.temperature < float("inf"):  # also rejects NaN
+            raise InvalidRequest("sampling.temperature", f"must be >= 0 and finite, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest("sampling.top_p", f"must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
@@ -133,6 +136,10 @@ class SamplingParams:
             raise InvalidRequest("sampling.stop", f"at most {MAX_STOP_STRINGS} strings, got {len(self.stop)}")
         if any(not s for s in self.stop):
             raise InvalidRequest("sampling.stop", "stop strings must not be empty")
+        if any(len(s) > MAX_STOP_STRING_CHARS for s in self.stop):
+            raise InvalidRequest(
+                "sampling.stop", f"each stop string must be at most {MAX_STOP_STRING_CHARS} characters"
+            )
         if any(t < 0 for t in self.stop_token_ids):
             raise InvalidRequest("sampling.stop_token_ids", "token ids must be >= 0")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:

@@ -42,7 +42,10 @@ class WorkerConfig:
         kv_cache_memory_bytes: memory budget of the KV pool in bytes, used when
             ``num_kv_blocks`` is ``None``.
         block_size: tokens per KV block.
-        host: address the gRPC and metrics servers bind to.
+        host: address the gRPC, metrics and KV transfer servers bind to.
+        advertise_host: address registered in Redis for those servers (what other
+            machines dial), when the bound ``host`` is not (a wildcard bind, NAT);
+            ``None`` registers ``host``.
         port: gRPC port (0 picks a free one).
         metrics_port: Prometheus port (0 picks a free one).
         redis_url: Redis server of the worker registry.
@@ -90,6 +93,7 @@ class WorkerConfig:
     kv_cache_memory_bytes: int = 256 * 1024**2
     block_size: int = 16
     host: str = "127.0.0.1"
+    advertise_host: str | None = None
     port: int = 0
     metrics_port: int = 0
     redis_url: str = "redis://127.0.0.1:6379/0"
@@ -117,3 +121,18 @@ class WorkerConfig:
     def resolved_worker_id(self) -> str:
         """``worker_id`` or the default one for this process."""
         return self.worker_id or default_worker_id(self.role)
+
+    def advertised(self, address: str) -> str:
+        """``address`` as registered: a ``host:port`` bound on :attr:`host` gets
+        :attr:`advertise_host` instead; any other address (``loopback:1``) is kept.
+
+        >>> WorkerConfig("decode", host="0.0.0.0", advertise_host="10.0.0.7").advertised("0.0.0.0:7001")
+        '10.0.0.7:7001'
+        """
+        host, sep, port = address.rpartition(":")
+        if self.advertise_host is None or not sep or host.strip("[]") != self.host.strip("[]"):
+            return address
+        advertise = self.advertise_host
+        if ":" in advertise and not advertise.startswith("["):  # IPv6
+            advertise = f"[{advertise}]"
+        return f"{advertise}:{port}"

@@ -235,8 +235,8 @@ async def run_worker(config: WorkerConfig, role: WorkerRole) -> None:
     info = worker_pb2.WorkerInfo(
         worker_id=runtime.worker_id,
         role=worker_pb2.WORKER_ROLE_COLOCATED if config.colocated else ROLES[config.role],
-        grpc_address=process.address,
-        metrics_address=f"{config.host}:{metrics_port}",
+        grpc_address=config.advertised(process.address),  # --advertise-host, else as bound
+        metrics_address=config.advertised(f"{config.host}:{metrics_port}"),
         model_id=runtime.model_config.model_id,
         layout=runtime.layout.to_pb(),
     )

@@ -8,7 +8,7 @@ fix, which the servicer maps to ``INVALID_ARGUMENT``.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from engine.codec import sampling_params_from_pb
 from engine.errors import InvalidRequest
@@ -18,6 +18,8 @@ from tandem.v1 import generation_pb2
 
 #: Longest accepted request id (characters).
 MAX_REQUEST_ID_LEN = 256
+#: Longest accepted cache salt (characters).
+MAX_CACHE_SALT_LEN = 256
 
 
 @dataclass(frozen=True)
@@ -44,15 +46,23 @@ def parse_generate_request(
 ) -> ParsedRequest:
     """Validate ``pb`` and tokenize its prompt.
 
+    Length rule (as vLLM's): the prompt must leave room for one token (fewer than
+    ``max_model_len`` tokens), and prompt plus an explicit ``max_tokens`` must fit in
+    ``max_model_len``; ``max_tokens`` unset (0) means 16 or, when fewer fit, as many
+    as fit (the completion then ends with ``length``).
+
     Raises:
         InvalidRequest: empty prompt; both or neither of ``prompt`` and
             ``prompt_token_ids``; a token id outside ``[0, vocab_size)``;
-            prompt plus ``max_tokens`` over ``max_model_len``; bad sampling
-            parameters (a stop token id outside the vocabulary included; each
-            error names its field, e.g. ``sampling.n``); an over-long ``request_id``.
+            a prompt of ``max_model_len`` tokens or more; prompt plus
+            ``max_tokens`` over ``max_model_len``; bad sampling parameters (a stop
+            token id outside the vocabulary included; each error names its field,
+            e.g. ``sampling.n``); an over-long ``request_id`` or ``cache_salt``.
     """
     if len(pb.request_id) > MAX_REQUEST_ID_LEN:
         raise InvalidRequest("request_id", f"must be at most {MAX_REQUEST_ID_LEN} characters")
+    if len(pb.cache_salt) > MAX_CACHE_SALT_LEN:
+        raise InvalidRequest("cache_salt", f"must be at most {MAX_CACHE_SALT_LEN} characters")
     if pb.prompt and pb.prompt_token_ids:
         raise InvalidRequest("prompt", "set exactly one of prompt and prompt_token_ids, not both")
     if pb.prompt_token_ids:
@@ -71,6 +81,14 @@ def parse_generate_request(
         raise InvalidRequest("prompt", "is empty: set prompt (text) or prompt_token_ids")
     sampling = sampling_params_from_pb(pb.sampling)
     _check_sampling_for_model(sampling, vocab_size)
+    if len(token_ids) >= max_model_len:
+        raise InvalidRequest(
+            "prompt",
+            f"{len(token_ids)} tokens, but max_model_len ({max_model_len}) leaves room for at most "
+            f"{max_model_len - 1} prompt tokens; shorten the prompt",
+        )
+    if not pb.sampling.max_tokens:  # the default shrinks to the room left
+        sampling = replace(sampling, max_tokens=min(sampling.max_tokens, max_model_len - len(token_ids)))
     if len(token_ids) + sampling.max_tokens > max_model_len:
         raise InvalidRequest(
             "sampling.max_tokens",

@@ -6,7 +6,14 @@ proportional to its position. Llama checkpoints pair dimension ``i`` with
 ``i + head_dim / 2`` (rotate half), not adjacent dimensions.
 
 Supported ``rope_scaling`` types: ``None`` (plain), ``"linear"`` (positions
-divided by ``factor``) and ``"llama3"``, the frequency-dependent scaling
+divided by ``factor``), ``"dynamic"`` (dynamic NTK: it changes the base only
+for sequences longer than ``max_position_embeddings``, which Tandem never
+runs, so it equals plain RoPE here, as in transformers' ``dynamic_rope_update``),
+``"yarn"`` (Peng et al., 2023, "YaRN: Efficient Context Window Extension of
+Large Language Models", arXiv:2309.00071: per-dimension blend of interpolated
+and extrapolated frequencies by a linear ramp over the rotation counts
+``beta_fast``..``beta_slow``, and cos/sin scaled by the attention factor
+``0.1 * ln(factor) + 1``) and ``"llama3"``, the frequency-dependent scaling
 published with Llama 3.1 (Meta, 2024, "The Llama 3 Herd of Models",
 arXiv:2407.21783; reference code ``apply_scaling`` in meta-llama/llama-models):
 wavelengths longer than ``original_max_position_embeddings / low_freq_factor``
@@ -23,6 +30,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+#: ``rope_type`` values of ``rope_scaling`` (``rope_parameters``) that Tandem implements.
+SUPPORTED_ROPE_TYPES = ("default", "dynamic", "linear", "llama3", "yarn")
+
 
 def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any] | None) -> torch.Tensor:
     """Inverse frequencies of the rotary pairs.
@@ -38,14 +48,65 @@ def rope_inv_freq(head_dim: int, rope_theta: float, rope_scaling: dict[str, Any]
     exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").to(torch.float32) / head_dim
     inv_freq = 1.0 / (rope_theta**exponents)
     rope_type = (rope_scaling or {}).get("rope_type", "default")
-    if rope_type == "default":
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"unsupported rope_scaling rope_type {rope_type!r} in config.json; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    if rope_type in ("default", "dynamic"):
         return inv_freq
     assert rope_scaling is not None
     if rope_type == "linear":
         return inv_freq / float(rope_scaling["factor"])
-    if rope_type == "llama3":
-        return _llama3_inv_freq(inv_freq, rope_scaling)
-    raise ValueError(f"unsupported rope_type {rope_type!r}; supported: default, linear, llama3")
+    if rope_type == "yarn":
+        return _yarn_inv_freq(inv_freq, head_dim, rope_theta, rope_scaling)
+    return _llama3_inv_freq(inv_freq, rope_scaling)
+
+
+def rope_attention_factor(rope_scaling: dict[str, Any] | None) -> float:
+    """Factor applied to cos and sin: YaRN's attention temperature, 1.0 otherwise.
+
+    YaRN uses ``attention_factor`` when given, else ``mscale(factor, mscale) /
+    mscale(factor, mscale_all_dim)`` when both are set (DeepSeek's variant),
+    else ``mscale(factor)``, with ``mscale(s, m=1) = 0.1 * m * ln(s) + 1`` (1 for ``s <= 1``).
+    """
+    if (rope_scaling or {}).get("rope_type") != "yarn":
+        return 1.0
+    assert rope_scaling is not None
+    if rope_scaling.get("attention_factor") is not None:
+        return float(rope_scaling["attention_factor"])
+    factor = float(rope_scaling["factor"])
+    mscale, mscale_all_dim = rope_scaling.get("mscale"), rope_scaling.get("mscale_all_dim")
+    if mscale and mscale_all_dim:
+        return _yarn_mscale(factor, float(mscale)) / _yarn_mscale(factor, float(mscale_all_dim))
+    return _yarn_mscale(factor, 1.0)
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+def _yarn_inv_freq(
+    inv_freq: torch.Tensor, head_dim: int, rope_theta: float, scaling: dict[str, Any]
+) -> torch.Tensor:
+    factor = float(scaling["factor"])
+    original = float(scaling["original_max_position_embeddings"])
+    beta_fast = float(scaling.get("beta_fast") or 32)
+    beta_slow = float(scaling.get("beta_slow") or 1)
+
+    def correction_dim(num_rotations: float) -> float:
+        # The rotary pair index whose wavelength fits `num_rotations` times in the original context.
+        return head_dim * math.log(original / (num_rotations * 2 * math.pi)) / (2 * math.log(rope_theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if scaling.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(head_dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1 keeps the original frequency, 0 divides it by `factor`
+    return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, scaling: dict[str, Any]) -> torch.Tensor:
@@ -91,16 +152,18 @@ class RotaryEmbedding(nn.Module):
         self.head_dim = head_dim
         self.max_position = max_position
         self._inv_freq = rope_inv_freq(head_dim, rope_theta, rope_scaling)
+        self._attention_factor = rope_attention_factor(rope_scaling)
         self._cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def cos_sin_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """float32 ``(cos, sin)`` tables ``[max_position, head_dim]`` on ``device`` (halves equal)."""
+        """float32 ``(cos, sin)`` tables ``[max_position, head_dim]`` on ``device`` (halves equal),
+        times the attention factor (YaRN; 1.0 otherwise)."""
         if self._cos_sin is None or self._cos_sin[0].device != device:
             inv_freq = self._inv_freq.to(device)
             positions = torch.arange(self.max_position, device=device, dtype=torch.float32)
             freqs = torch.outer(positions, inv_freq)
             angles = torch.cat((freqs, freqs), dim=-1)
-            self._cos_sin = (angles.cos(), angles.sin())
+            self._cos_sin = (angles.cos() * self._attention_factor, angles.sin() * self._attention_factor)
         return self._cos_sin
 
     def forward(

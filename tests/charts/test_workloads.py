@@ -3,10 +3,14 @@ environment, security, volumes, selectors, and pair mode."""
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import pytest
 
+from cli.main import build_parser
+from cli.options import worker_config_from_args
+from engine.worker_config import BUNDLED_MODEL_DIR
 from tests.charts.helm import find, names, render
 
 POD_FIELD_ENV = {"POD_NAME": "metadata.name", "POD_NAMESPACE": "metadata.namespace", "POD_IP": "status.podIP"}
@@ -133,6 +137,23 @@ def test_advertise_mode_binds_wildcard_and_advertises_pod_ip() -> None:
     decode = flags(container(render(sets=("network.addressMode=advertise",)), "decode"))
     assert (decode["--host"], decode["--advertise-host"]) == ("0.0.0.0", "$(POD_IP)")
     assert "--advertise-host" not in flags(container(render(), "decode"))
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_advertise_mode_args_parse_with_the_cli(role: str) -> None:
+    """The worker's rendered args, with the kubelet's $(VAR) expansion done, parse with ``tandem``."""
+    docs = render(sets=("network.addressMode=advertise",))
+    env = {
+        **find(docs, "ConfigMap", "config")["data"],
+        "TANDEM_MODEL": str(BUNDLED_MODEL_DIR),  # the image's path, here
+        "TANDEM_REDIS_URL": "redis://redis:6379/0",
+        "POD_IP": "10.0.0.9",
+        "POD_NAME": "pod-0",
+    }
+    args = [re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], a) for a in container(docs, role)["args"]]
+    config = worker_config_from_args(build_parser().parse_args(args), role)  # type: ignore[arg-type]
+    assert (config.host, config.advertise_host) == ("0.0.0.0", "10.0.0.9")
+    assert config.advertised("0.0.0.0:7001") == "10.0.0.9:7001"
 
 
 @pytest.mark.parametrize(

@@ -31,7 +31,7 @@ def test_every_worker_option(tmp_path: Path) -> None:
         *("--redis-url", "redis://127.0.0.1:6390/1", "--redis-prefix", "t1", "--worker-id", "d-a"),
         *("--transfer-port", "7003", "--kv-transport", "tcp", "--lease-ms", "500"),
         *("--max-num-seqs", "8", "--max-num-batched-tokens", "1024", "--max-queue-len", "10", "--seed", "3"),
-        *("--load-format", "dummy"),
+        *("--load-format", "dummy", "--advertise-host", "10.1.2.3"),
     )
     assert worker_config_from_args(args, "decode") == WorkerConfig(
         role="decode",
@@ -43,6 +43,7 @@ def test_every_worker_option(tmp_path: Path) -> None:
         kv_cache_memory_bytes=1_610_612_736,
         block_size=32,
         host="0.0.0.0",
+        advertise_host="10.1.2.3",
         port=7001,
         metrics_port=7002,
         redis_url="redis://127.0.0.1:6390/1",
@@ -93,6 +94,8 @@ def test_worker_flags_parse_back_to_the_config(tmp_path: Path, role: str) -> Non
         port=1,
         metrics_port=2,
         worker_id=f"{role}-3",
+        host="0.0.0.0",
+        advertise_host="fd00::7",
         transfer_port=4 if role == "decode" else 0,
         max_queue_len=5,
         load_format="dummy",
@@ -178,3 +181,22 @@ def test_a_redis_url_without_a_password_stays_a_flag(tmp_path: Path) -> None:
         for f in worker_flags(WorkerConfig(role="decode", model=tmp_path, redis_url=url))
         if f in ("--redis-url", url)
     ]
+
+
+@pytest.mark.parametrize(
+    ("host", "advertise", "bound", "registered"),
+    [
+        ("0.0.0.0", "10.0.0.7", "0.0.0.0:7001", "10.0.0.7:7001"),
+        ("127.0.0.1", None, "127.0.0.1:7001", "127.0.0.1:7001"),
+        ("127.0.0.1", "127.0.0.1", "127.0.0.1:7001", "127.0.0.1:7001"),
+        ("::", "fd00::7", "[::]:7001", "[fd00::7]:7001"),
+        ("::", "fd00::7", ":::7001", "[fd00::7]:7001"),
+        ("0.0.0.0", "node-3.example", "0.0.0.0:7001", "node-3.example:7001"),
+        ("0.0.0.0", "10.0.0.7", "loopback:3", "loopback:3"),  # not a host:port on the bound host
+    ],
+)
+def test_advertised_address_replaces_the_bound_host(
+    host: str, advertise: str | None, bound: str, registered: str
+) -> None:
+    config = WorkerConfig(role="decode", host=host, advertise_host=advertise)
+    assert config.advertised(bound) == registered

@@ -277,3 +277,87 @@ def test_workers_are_spread_round_robin_over_gpus() -> None:
     assert worker_devices("auto", lambda: 0) == ["auto"]
     assert worker_devices("cpu", lambda: 8) == ["cpu"]
     assert worker_devices("cuda:1", lambda: 8) == ["cuda:1"]
+
+
+def test_a_drained_worker_leaves_the_others_serving_until_the_last_of_its_kind(
+    tmp_path: Path, fake_component: Path
+) -> None:
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    cluster_file = tmp_path / "cluster.json"
+    argv = [
+        *(sys.executable, str(driver), str(fake_component), "--port", str(free_port())),
+        *("--decode-workers", "2", "--cluster-file", str(cluster_file), "--run-dir", str(tmp_path / "run")),
+        *("--redis-url", "redis://127.0.0.1:1/0", "--startup-timeout", "30"),
+    ]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not cluster_file.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, "no cluster file after 30 s"
+            time.sleep(0.05)
+        by_id = {p["id"]: p for p in json.loads(cluster_file.read_text())["processes"]}
+        os.kill(by_id["decode-0"]["pid"], signal.SIGTERM)  # the fake exits 0, like a drained worker
+        deadline = time.monotonic() + 10
+        while "decode-0" in {p["id"] for p in json.loads(cluster_file.read_text())["processes"]}:
+            assert time.monotonic() < deadline, "decode-0 still in the cluster file"
+            time.sleep(0.05)
+        time.sleep(1.0)  # serve polls every 0.2 s: it would have stopped by now
+        assert proc.poll() is None
+        for name in ("router", "prefill-0", "decode-1"):
+            assert _health(by_id[name]["grpc_address"]) == health_pb2.HealthCheckResponse.SERVING
+        os.kill(by_id["decode-1"]["pid"], signal.SIGTERM)  # the last decode worker
+        _stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 1, stderr
+    assert (
+        "decode-0 (pid" in stderr
+        and "exited with code 0 (drained); 1 decode worker(s) still serving" in stderr
+    )
+    assert "tandem serve: no decode worker left; stopping" in stderr
+    assert not cluster_file.exists()
+    for process in by_id.values():
+        _assert_gone(process["pid"])
+
+
+def test_a_crashed_worker_stops_the_cluster_even_with_others_of_its_kind(
+    tmp_path: Path, fake_component: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _serve_args(tmp_path, "--redis-url", "redis://127.0.0.1:1/0", "--decode-workers", "2")
+
+    def command(kind: str, flags: list[str]) -> list[str]:
+        crash = kind == "decode" and "decode-0" in flags
+        return [sys.executable, str(fake_component), kind, *flags, *(["--exit-after", "2"] if crash else [])]
+
+    assert serve.run(args, command_builder=command) == 1
+    err = capsys.readouterr().err
+    assert "tandem serve: decode-0 (pid " in err and "exited with code 5" in err
+    assert "drained" not in err
+
+
+def test_a_router_that_exits_0_still_stops_the_cluster(
+    tmp_path: Path, fake_component: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = _serve_args(
+        tmp_path, "--redis-url", "redis://127.0.0.1:1/0", "--cluster-file", str(tmp_path / "c.json")
+    )
+    stopper = tmp_path / "stop_router.py"  # SIGTERMs the router 2 s after it started: it exits 0
+    stopper.write_text(
+        "import os, signal, subprocess, sys, threading\n"
+        "p = subprocess.Popen(sys.argv[1:])\n"
+        "threading.Timer(2.0, lambda: p.send_signal(signal.SIGTERM)).start()\n"
+        "sys.exit(p.wait())\n"
+    )
+
+    def command(kind: str, flags: list[str]) -> list[str]:
+        run = [sys.executable, str(fake_component), kind, *flags]
+        return [sys.executable, str(stopper), *run] if kind == "router" else run
+
+    assert serve.run(args, command_builder=command) == 1
+    err = capsys.readouterr().err
+    assert "tandem serve: router (pid " in err and "exited with code 0" in err
+    assert "drained" not in err

@@ -11,19 +11,18 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from cli.options import redis_url_flags
 from engine.security import bearer_metadata, open_channel
 from engine.security_config import INTERNAL_TOKEN_ENV, SecurityConfig, redis_url_env
 from tandem.v1 import generation_pb2, generation_pb2_grpc
+from tests.helpers.metrics import scrape_metric
 from tests.helpers.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,13 +126,7 @@ class Stack:
 
     def metric(self, process: dict[str, Any], name: str) -> float:
         """Current value of an unlabelled gauge/counter sample ``name`` of one process."""
-        with urllib.request.urlopen(f"http://{process['metrics_address']}/metrics", timeout=5) as resp:
-            text = resp.read().decode()
-        for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                if sample.name == name and not sample.labels:
-                    return float(sample.value)
-        raise KeyError(f"{name} not exported by {process['id']}")
+        return scrape_metric(process["metrics_address"], name)
 
     def wait_blocks_free(self, timeout_s: float = 15.0) -> dict[str, float]:
         """Wait until ``tandem_kv_blocks_used`` is 0 on every worker; returns the last readings."""

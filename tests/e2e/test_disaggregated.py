@@ -149,15 +149,19 @@ def test_cancel_and_deadline_free_every_block(stack: Stack) -> None:
             )
         assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
-    # Cancels at random moments from several threads.
-    def cancel_after(delay: float) -> None:
+    # Cancels at random moments from several threads (a stream that finished first is fine).
+    def cancel_after(delay: float) -> str:
         c = stack.stub.GenerateStream(GenerateRequest(prompt_token_ids=list(range(5, 45)), sampling=long))
         threading.Timer(delay, c.cancel).start()
-        with pytest.raises(grpc.RpcError):
+        try:
             list(c)
+        except grpc.RpcError as exc:
+            return str(exc.code().name)
+        return "OK"
 
     with ThreadPoolExecutor(4) as pool:
-        list(pool.map(cancel_after, (0.01, 0.05, 0.2, 0.4)))
+        codes = list(pool.map(cancel_after, (0.01, 0.05, 0.2, 0.4)))
+    assert set(codes) <= {"CANCELLED", "OK"} and codes[0] == "CANCELLED", codes
     used = stack.wait_blocks_free(timeout_s=20)
     assert used == {p["id"]: 0.0 for p in stack.processes("prefill", "decode")}
     # And the deployment still answers.

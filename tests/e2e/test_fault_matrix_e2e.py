@@ -25,13 +25,11 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cli.main import build_parser
 from cli.serve import plan_cluster
@@ -39,6 +37,7 @@ from cli.supervisor import Child, ComponentSpec, Supervisor, terminate
 from kvtransfer.tcp import FAULT_INJECT_ENV, FAULT_STALL_S
 from tandem.v1 import generation_pb2, generation_pb2_grpc
 from tests.helpers.checkpoints import make_tiny_llama
+from tests.helpers.metrics import scrape_metric
 from tests.helpers.net import free_port
 
 pytestmark = pytest.mark.e2e
@@ -60,13 +59,7 @@ LONG_PREFILL = generation_pb2.GenerateRequest(
 
 def metric(spec: ComponentSpec, name: str) -> float:
     """An unlabelled sample of one process's ``/metrics``."""
-    with urllib.request.urlopen(f"http://{spec.metrics_address}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return float(sample.value)
-    raise KeyError(name)
+    return scrape_metric(spec.metrics_address, name)
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float, poll_s: float = 0.02) -> bool:

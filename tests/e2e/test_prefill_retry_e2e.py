@@ -19,19 +19,18 @@ import os
 import signal
 import threading
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from cli.main import build_parser
 from cli.serve import plan_cluster
 from cli.supervisor import Child, Supervisor
 from engine.worker_config import BUNDLED_MODEL_DIR
 from tandem.v1 import generation_pb2, generation_pb2_grpc
+from tests.helpers.metrics import scrape_metric
 from tests.helpers.net import free_port
 
 pytestmark = pytest.mark.e2e
@@ -61,13 +60,7 @@ def start_cluster(run_dir: Path, redis_url: str, model: Path, *flags: str) -> Su
 
 def metric(child: Child, name: str) -> float:
     """An unlabelled sample of ``child``'s /metrics."""
-    with urllib.request.urlopen(f"http://{child.spec.metrics_address}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == name and not sample.labels:
-                return float(sample.value)
-    raise KeyError(name)
+    return scrape_metric(child.spec.metrics_address, name)
 
 
 def wait_idle(children: list[Child], timeout_s: float = 15.0) -> dict[str, float]:

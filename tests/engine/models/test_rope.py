@@ -39,8 +39,8 @@ def test_linear_scaling_divides_frequencies() -> None:
 
 
 def test_unsupported_rope_type_is_rejected() -> None:
-    with pytest.raises(ValueError, match="unsupported rope_type 'yarn'"):
-        rope_inv_freq(16, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ValueError, match="unsupported rope_scaling rope_type 'longrope'"):
+        rope_inv_freq(16, 10000.0, {"rope_type": "longrope", "factor": 4.0})
 
 
 def test_rotation_matches_transformers_apply_rotary_pos_emb() -> None:
