@@ -136,6 +136,11 @@ class GrpcProcess:
             if asyncio.iscoroutine(result):
                 await result
 
+    @property
+    def stopping(self) -> bool:
+        """Whether a stop was requested (SIGTERM or :meth:`request_stop`)."""
+        return self._stop.is_set()
+
     def request_stop(self) -> None:
         """Ask the process to drain and stop (what SIGTERM does)."""
         logger.info("stop requested: draining")

@@ -2,7 +2,8 @@
 
 Start-up: read config.json and tokenizer.json (never weights, never torch),
 connect to the Redis worker directory, start the worker pool's refresh loop,
-serve ``tandem.v1.Generation`` with health and reflection, report SERVING.
+serve ``tandem.v1.Generation`` with health and reflection, report SERVING once a request
+can be routed (a healthy prefill and decode worker, or a colocated one).
 SIGTERM: NOT_SERVING, drain calls in flight, close channels, exit 0.
 """
 
@@ -97,14 +98,25 @@ async def serve(config: RouterConfig) -> None:
         ),
     )
     await process.start()
-    await process.set_serving()
-    logger.info("router serving on %s", process.address)
+    ready = asyncio.create_task(_serve_when_routable(pool, process), name="router-readiness")
     try:
         await process.wait_for_termination()
     finally:
+        ready.cancel()
         await pool.close()
         if prefix_index is not None:
             await prefix_index.close()
+
+
+async def _serve_when_routable(pool: WorkerPool, process: GrpcProcess) -> None:
+    """Report SERVING once a request can be routed, so that `tandem serve` and a Kubernetes
+    readiness probe send no traffic that would fail with "no healthy worker"."""
+    if not pool.can_route():
+        logger.info("router waiting for a healthy prefill and decode (or colocated) worker")
+        await pool.wait_until_routable()
+    if not process.stopping:
+        await process.set_serving()
+        logger.info("router serving on %s", process.address)
 
 
 def run(config: RouterConfig) -> int:

@@ -258,6 +258,18 @@ class WorkerPool:
         finally:
             self.release(worker_id, tokens)
 
+    def can_route(self) -> bool:
+        """Whether a request could be served now: a healthy colocated worker, or a healthy
+        prefill and a healthy decode worker."""
+        return bool(self.healthy(worker_pb2.WORKER_ROLE_COLOCATED)) or bool(
+            self.healthy(worker_pb2.WORKER_ROLE_PREFILL) and self.healthy(worker_pb2.WORKER_ROLE_DECODE)
+        )
+
+    async def wait_until_routable(self, poll_s: float = 0.05) -> None:
+        """Return once :meth:`can_route` holds (the background refresh fills the pool)."""
+        while not self.can_route():
+            await asyncio.sleep(poll_s)
+
     async def wait_for_workers(self, prefill: int = 1, decode: int = 1, timeout_s: float = 10.0) -> None:
         """Refresh until at least ``prefill`` and ``decode`` workers are healthy.
 

@@ -285,3 +285,47 @@ def test_router_modules_do_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_routable_needs_a_prefill_and_a_decode_worker_or_a_colocated_one(redis_url: str) -> None:
+    async def main() -> None:
+        directory = WorkerDirectory(redis_url, PREFIX + "-routable")
+        pool = WorkerPool(directory, refresh_interval_s=0.05, health_check_timeout_s=0.5, missing_grace_s=0.0)
+        workers = [
+            await FakeWorker.start("p0", PREFILL),
+            await FakeWorker.start("d0", DECODE),
+            await FakeWorker.start("c0", worker_pb2.WORKER_ROLE_COLOCATED),
+        ]
+        p0, d0, c0 = workers
+        for w in workers:
+            w.info.worker_id += "-routable"
+        try:
+            await pool.start()
+            assert not pool.can_route()
+            directory_prefix = PREFIX + "-routable"
+            p0.registration = WorkerRegistration(
+                redis_url, directory_prefix, p0.info, ttl_s=5.0, heartbeat_interval_s=1.0
+            )
+            await p0.registration.start()
+            await pool.refresh()
+            assert not pool.can_route()  # a prefill worker alone cannot serve
+            d0.registration = WorkerRegistration(
+                redis_url, directory_prefix, d0.info, ttl_s=5.0, heartbeat_interval_s=1.0
+            )
+            await d0.registration.start()
+            await asyncio.wait_for(pool.wait_until_routable(), timeout=3.0)
+            await d0.registration.stop()
+            await p0.registration.stop()
+            await pool.refresh()
+            assert not pool.can_route()
+            c0.registration = WorkerRegistration(
+                redis_url, directory_prefix, c0.info, ttl_s=5.0, heartbeat_interval_s=1.0
+            )
+            await c0.registration.start()
+            await asyncio.wait_for(pool.wait_until_routable(), timeout=3.0)
+        finally:
+            await pool.close()
+            for w in workers:
+                await w.close()
+
+    asyncio.run(main())
