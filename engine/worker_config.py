@@ -51,9 +51,10 @@ class WorkerConfig:
         redis_url: Redis server of the worker registry.
         redis_prefix: prefix of every Redis key Tandem writes.
         worker_id: stable id; ``None`` uses :func:`default_worker_id`.
-        kv_transport: KV transfer backend: ``"auto"`` (decided per worker pair at the KV
-            handshake: cuda_ipc on one host with GPUs, nccl across hosts, tcp on CPU),
-            ``"cuda_ipc"``, ``"nccl"`` or ``"tcp"``.
+        kv_transport: KV transfer backend: ``"tcp"`` (the default), ``"auto"`` (decided per
+            worker pair at the KV handshake: cuda_ipc on one host with GPUs, nccl across
+            hosts, tcp on CPU), ``"cuda_ipc"`` or ``"nccl"``. The device backends are opt-in
+            until concurrent cancels on their shared control connection are fixed (issue 4).
         kv_transfer_layers_per_message: layer-wise KV streaming on a prefill worker:
             layers per message, sent as soon as they are computed; 0 sends the whole
             prompt in one message after the forward. The default 8 sends a 32-layer
@@ -99,7 +100,7 @@ class WorkerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tandem"
     worker_id: str | None = None
-    kv_transport: str = "auto"
+    kv_transport: str = "tcp"
     kv_transfer_layers_per_message: int = 8
     transfer_port: int = 0
     heartbeat_interval_s: float = 1.0
