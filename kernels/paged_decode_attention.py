@@ -36,6 +36,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import FLOAT_DTYPES, check_paged_cache, check_shape, check_tensor, next_power_of_2
+from kernels._reference import gather_sequence_kv
 
 _LOG2E = 1.4426950408889634
 #: Context tokens per inner tile.
@@ -317,17 +318,12 @@ def paged_decode_attention_reference(
     scale: float,
 ) -> torch.Tensor:
     """Torch reference of :func:`paged_decode_attention` (float32 math, one sequence at a time)."""
-    _, _, block_size, num_kv_heads, head_dim = layer_cache.shape
-    group = q.shape[1] // num_kv_heads
+    group = q.shape[1] // layer_cache.shape[3]
     out = torch.zeros_like(q)
     for i, seq_len in enumerate(seq_lens.tolist()):
         if seq_len == 0:
             continue
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = layer_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = layer_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [H, S, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        k, v = gather_sequence_kv(layer_cache, block_tables[i], seq_len, group)  # [H, S, D]
         scores = torch.einsum("hd,hsd->hs", q[i].float(), k) * scale
         out[i] = torch.einsum("hs,hsd->hd", scores.softmax(-1), v).to(q.dtype)
     return out

@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from kernels._checks import FLOAT_DTYPES, check_paged_cache, check_shape, check_tensor, next_power_of_2
+from kernels._reference import gather_sequence_kv
 
 _LOG2E = 1.4426950408889634
 
@@ -200,18 +201,13 @@ def prefill_attention_reference(
     scale: float,
 ) -> torch.Tensor:
     """Torch reference of :func:`prefill_attention` (float32 math, one sequence at a time)."""
-    _, _, block_size, num_kv_heads, head_dim = layer_cache.shape
-    group = q.shape[1] // num_kv_heads
+    group = q.shape[1] // layer_cache.shape[3]
     out = torch.zeros_like(q)
     starts = query_start_loc.tolist()
     for i, seq_len in enumerate(seq_lens.tolist()):
         rows = slice(starts[i], starts[i + 1])
         q_len = starts[i + 1] - starts[i]
-        blocks = block_tables[i, : -(-seq_len // block_size)].long()
-        k = layer_cache[0, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        v = layer_cache[1, blocks].reshape(-1, num_kv_heads, head_dim)[:seq_len].float()
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        k, v = gather_sequence_kv(layer_cache, block_tables[i], seq_len, group)  # [H, S, D]
         scores = torch.einsum("qhd,hsd->hqs", q[rows].float(), k) * scale
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         scores = scores.masked_fill(torch.arange(seq_len, device=q.device)[None, :] > q_pos, float("-inf"))
