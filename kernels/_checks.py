@@ -64,6 +64,20 @@ def check_paged_cache(layer_cache: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"layer_cache must be contiguous within a block, got strides {layer_cache.stride()}")
 
 
+def check_query_for_cache(q: torch.Tensor, layer_cache: torch.Tensor, rows: str) -> None:
+    """Raise ``ValueError`` unless ``layer_cache`` is a paged cache layer (see
+    :func:`check_paged_cache`) and ``q`` is ``[rows, k * num_kv_heads, head_dim]`` on its
+    device, in a float dtype (grouped-query attention: ``k`` query heads per KV head).
+    ``rows`` names the first axis in the message (``"B"`` or ``"T"``)."""
+    check_paged_cache(layer_cache, q.device)
+    _, _, _, num_kv_heads, head_dim = layer_cache.shape
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, device=layer_cache.device)
+    if q.shape[2] != head_dim or q.shape[1] % num_kv_heads:
+        raise ValueError(
+            f"q must be [{rows}, k * {num_kv_heads}, {head_dim}] for this cache, got shape {tuple(q.shape)}"
+        )
+
+
 def next_power_of_2(n: int) -> int:
     """Smallest power of two ``>= n`` (``n >= 1``)."""
     return 1 << max(0, (n - 1).bit_length())

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_paged_cache, check_shape, check_tensor, next_power_of_2
+from kernels._checks import check_query_for_cache, check_shape, check_tensor, next_power_of_2
 from kernels._reference import gather_sequence_kv
 
 _LOG2E = 1.4426950408889634
@@ -221,14 +221,9 @@ def paged_decode_attention(
     Raises:
         ValueError: shapes, dtypes, devices or strides do not match.
     """
-    check_paged_cache(layer_cache, q.device)
+    check_query_for_cache(q, layer_cache, rows="B")
     _, _, block_size, num_kv_heads, head_dim = layer_cache.shape
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, device=layer_cache.device)
     num_seqs, num_heads, _ = q.shape
-    if q.shape[2] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(
-            f"q must be [B, k * {num_kv_heads}, {head_dim}] for this cache, got shape {tuple(q.shape)}"
-        )
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
     check_shape("seq_lens", seq_lens, (num_seqs,))

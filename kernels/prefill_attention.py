@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._checks import FLOAT_DTYPES, check_paged_cache, check_shape, check_tensor, next_power_of_2
+from kernels._checks import check_query_for_cache, check_shape, check_tensor, next_power_of_2
 from kernels._reference import gather_sequence_kv
 
 _LOG2E = 1.4426950408889634
@@ -138,14 +138,9 @@ def prefill_attention(
     Raises:
         ValueError: shapes, dtypes, devices or strides do not match.
     """
-    check_paged_cache(layer_cache, q.device)
+    check_query_for_cache(q, layer_cache, rows="T")
     _, _, block_size, num_kv_heads, head_dim = layer_cache.shape
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, device=layer_cache.device)
     num_tokens, num_heads, _ = q.shape
-    if q.shape[2] != head_dim or num_heads % num_kv_heads:
-        raise ValueError(
-            f"q must be [T, k * {num_kv_heads}, {head_dim}] for this cache, got shape {tuple(q.shape)}"
-        )
     check_tensor("seq_lens", seq_lens, ndim=1, dtypes=(torch.int32,), device=q.device)
     num_seqs = seq_lens.shape[0]
     check_tensor("block_tables", block_tables, ndim=2, dtypes=(torch.int32,), device=q.device)
