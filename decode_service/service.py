@@ -11,6 +11,9 @@ Request lifecycle on a decode worker:
      joins the request to the running batch and streams its tokens. A
      cancelled or failed stream aborts the request, freeing its blocks.
   ``Release`` (or the lease) ends a reservation that will not be decoded.
+  ``CancelCompletion`` ends one completion of a ``Decode`` (or colocated
+  ``Generate``) stream with ``n`` > 1 early (``decode_service.streams``): its
+  blocks are freed and the stream goes on with the others.
 The engine's state is touched only on the engine thread (``EngineLoop.call``).
 """
 
@@ -27,6 +30,7 @@ from dataclasses import replace
 import grpc
 
 from decode_service.reservations import Reservation, ReservationTable, lease_expiry_unix_ms
+from decode_service.streams import OpenStream, OpenStreams
 from engine.codec import finish_reason_to_pb, logprobs_list_to_pb, sampling_params_from_pb
 from engine.engine_core import EngineCore
 from engine.errors import InvalidRequest, TandemError
@@ -49,6 +53,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         self._receiver: KvReceiver | None = None
         self._receiver_address = ""
         self._table: ReservationTable | None = None
+        self._streams = OpenStreams()
 
     def attach(self, receiver: KvReceiver, address: str) -> None:
         """Use ``receiver`` (listening on ``address``) for incoming KV; call before serving."""
@@ -155,8 +160,10 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await abort_with(context, exc)
         rid = reservation.reservation_id
         queue = self._rt.loop.open_stream(rid)
+        stream: OpenStream | None = None
         try:
             sampling = sampling_params_from_pb(request.sampling)
+            stream = self._streams.open(request.request_id, rid, sampling.n, queue)
             timeout_s = request.transfer_wait_ms / 1000.0 or max(
                 0.1, reservation.expires_unix_ms / 1000.0 - time.time()
             )
@@ -175,9 +182,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 start = await self._rt.loop.call(lambda c: c.scheduler.add_prefilled_completions(req, firsts))
             with span("decode.generate"):  # the request's life in the batch
                 n_tokens = 0
-                async for out in self._outputs(start, queue, sampling.n):
+                async for out in self._outputs(stream, start):
                     n_tokens += len(out.new_token_ids)
-                    self._rt.metrics.generation_tokens.inc(len(out.new_token_ids))
                     if out.finished:
                         annotate_result(output_tokens=n_tokens, finish_reason=out.finish_reason)
                     yield worker_pb2.DecodeResponse(
@@ -189,6 +195,8 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         except TandemError as exc:
             await abort_with(context, exc)
         finally:
+            if stream is not None:
+                self._streams.close(stream)
             self._rt.loop.close_stream(rid)
             self.receiver.forget(rid)
             self._rt.spawn(self._abort(rid))
@@ -201,6 +209,7 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this decode worker is not colocated")
         rid = f"{request.request_id}#{uuid.uuid4().hex[:12]}"
         queue = self._rt.loop.open_stream(rid)
+        stream: OpenStream | None = None
         try:
             req = Request(
                 req_id=rid,
@@ -209,8 +218,9 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
                 eos_token_ids=self._rt.eos_token_ids,
                 priority=request.priority,
             )
+            stream = self._streams.open(request.request_id, rid, req.sampling.n, queue)
             await self._rt.loop.call(lambda c: c.add_request(req))
-            async for out in self._outputs(None, queue, req.sampling.n):
+            async for out in self._outputs(stream, None):
                 yield worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason_to_pb(out.finish_reason),
@@ -221,26 +231,86 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
         except TandemError as exc:
             await abort_with(context, exc)
         finally:
+            if stream is not None:
+                self._streams.close(stream)
             self._rt.loop.close_stream(rid)
             self._rt.spawn(self._abort(rid))
 
+    async def CancelCompletion(
+        self, request: worker_pb2.CancelCompletionRequest, context: grpc.aio.ServicerContext
+    ) -> worker_pb2.CancelCompletionResponse:
+        """End completion ``index`` of the open stream ``request_id`` (idempotent).
+
+        An unknown ``request_id`` (its stream ended, or never was) answers
+        ``known`` false. Errors: empty ``request_id`` or ``index`` not below the
+        request's ``sampling.n`` → ``INVALID_ARGUMENT``.
+        """
+        try:
+            if not request.request_id:
+                raise InvalidRequest("request_id", "must not be empty")
+            stream = self._streams.get(request.request_id)
+            if stream is None:
+                return worker_pb2.CancelCompletionResponse(known=False)
+            stream.check_index(request.index)
+            if stream.needs_abort(request.index):
+                stream.cancelled.add(request.index)
+                if stream.started:  # else the stream ends it when it starts
+                    await self._end_completion(stream, request.index)
+            return worker_pb2.CancelCompletionResponse(known=True)
+        except TandemError as exc:
+            await abort_with(context, exc)
+
     async def _outputs(
-        self, start: list[EngineOutput] | None, queue: asyncio.Queue[EngineOutput], n: int = 1
+        self, stream: OpenStream, start: list[EngineOutput] | None
     ) -> AsyncIterator[EngineOutput]:
-        """The completions already finished in ``start`` (when given), then the request's
-        outputs until each of its ``n`` completions has finished."""
-        finished: set[int] = set()
-        for out in start or []:
-            if out.finished:
-                finished.add(out.index)
-                yield out
-        while len(finished) < n:
-            out = await queue.get()
+        """The completions already finished in ``start`` (``Decode``: what
+        ``add_prefilled_completions`` returned), then the request's outputs until each
+        of its completions has had its last.
+
+        Every output taken from the queue counts in ``tandem_generation_tokens_total``
+        (tokens the engine generated); outputs of a completion after its last (a
+        cancelled completion's, still in flight) are dropped.
+        """
+        if start is not None:
+            for out in start:
+                if out.finished:
+                    stream.ended.add(out.index)
+                    yield out
+            await self._start(stream)
+        while not stream.done:
+            out = await stream.queue.get()
             if isinstance(out, BaseException):
                 raise out
-            yield out
+            self._rt.metrics.generation_tokens.inc(len(out.new_token_ids))
+            if not stream.started:  # Generate: the first output comes once the request has forked
+                await self._start(stream)
+            if out.index in stream.ended:
+                continue
             if out.finished:
-                finished.add(out.index)
+                stream.ended.add(out.index)
+            yield out
+
+    async def _start(self, stream: OpenStream) -> None:
+        """Mark ``stream`` started (its completions exist on the engine) and end those
+        cancelled before."""
+        stream.started = True
+        for index in sorted(stream.cancelled - stream.ended):
+            await self._end_completion(stream, index)
+
+    async def _end_completion(self, stream: OpenStream, index: int) -> None:
+        """Abort completion ``index`` on the engine (its blocks go back; those shared with
+        running completions when the last of them ends) and queue its last output.
+        Shielded: once begun it finishes even if the caller is cancelled, so the stream
+        never waits for a completion nobody runs. The engine delivers a step's outputs
+        before the abort's result, so the ``"abort"`` output comes after any real one."""
+
+        async def end() -> None:
+            try:
+                await self._rt.loop.call(lambda c: c.abort_request(stream.rid, index))
+            finally:
+                stream.queue.put_nowait(stream.aborted_output(index))
+
+        await asyncio.shield(end())
 
     async def _abort(self, rid: str) -> None:
         """Free whatever ``rid`` still holds: its reservation, or the running request

@@ -46,6 +46,7 @@ from engine.codec import finish_reason_from_pb, sampling_params_to_pb, token_log
 from engine.errors import WorkerUnavailable
 from engine.metrics import ProcessMetrics
 from engine.tracing import annotate, span
+from router.completion_cancel import CompletionCanceller
 from router.prefix_index import PrefixIndex, prefill_routing_request
 from router.routing import RoutingPolicy, RoutingRequest, WorkerView, cached_tokens
 from router.validation import ParsedRequest
@@ -146,12 +147,16 @@ class Orchestrator:
         self._max_prefill_retries = max_prefill_retries
         self._background: set[asyncio.Task[None]] = set()
 
-    async def generate(self, req: ParsedRequest, timeout_s: float | None) -> AsyncGenerator[TokenChunk, None]:
+    async def generate(
+        self, req: ParsedRequest, timeout_s: float | None, canceller: CompletionCanceller | None = None
+    ) -> AsyncGenerator[TokenChunk, None]:
         """Yield ``req``'s tokens as they are produced.
 
         Args:
             timeout_s: seconds left of the client's deadline (None: no deadline);
                 every downstream call gets what remains.
+            canceller: attached to the worker stream that generates the completions,
+                once it has answered, so the caller can end one completion early.
 
         Raises:
             WorkerUnavailable: no healthy worker in a pool.
@@ -168,7 +173,7 @@ class Orchestrator:
         colocated = self._pool.healthy(worker_pb2.WORKER_ROLE_COLOCATED)
         if colocated:  # the baseline deployment (`tandem serve --colocated`)
             async for chunk in self._generate_colocated(
-                req, self._policy.pick(colocated, routing), remaining()
+                req, self._policy.pick(colocated, routing), remaining(), canceller
             ):
                 yield chunk
             return
@@ -178,7 +183,7 @@ class Orchestrator:
         while True:
             try:
                 async with contextlib.aclosing(
-                    self._generate_disaggregated(current, remaining, started, frozenset(lost))
+                    self._generate_disaggregated(current, remaining, started, frozenset(lost), canceller)
                 ) as chunks:
                     async for chunk in chunks:
                         emitted.extend(chunk.token_ids)
@@ -222,6 +227,7 @@ class Orchestrator:
         remaining: Callable[[], float | None],
         started: float,
         avoid_decode: frozenset[str],
+        canceller: CompletionCanceller | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         """Steps 1-4 of the module docstring on decode workers not in ``avoid_decode``.
 
@@ -265,7 +271,7 @@ class Orchestrator:
                 if len(done) == len(firsts):
                     return
                 async with contextlib.aclosing(
-                    self._decode(req, reservation, firsts, done, remaining())
+                    self._decode(req, reservation, firsts, done, remaining(), canceller)
                 ) as chunks:
                     async for chunk in chunks:
                         yield chunk
@@ -344,14 +350,19 @@ class Orchestrator:
                 raise
 
     async def _generate_colocated(
-        self, req: ParsedRequest, worker: WorkerView, timeout_s: float | None
+        self,
+        req: ParsedRequest,
+        worker: WorkerView,
+        timeout_s: float | None,
+        canceller: CompletionCanceller | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         """The whole request on one colocated worker; cancelling the call frees its blocks."""
         with self._pool.in_flight(worker.worker_id, len(req.prompt_token_ids)):
             stub = worker_pb2_grpc.DecodeWorkerStub(self._pool.channel(worker.worker_id))
+            worker_request_id = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
             call = stub.Generate(
                 worker_pb2.LocalGenerateRequest(
-                    request_id=f"{req.request_id}.{uuid.uuid4().hex[:8]}",
+                    request_id=worker_request_id,
                     prompt_token_ids=req.prompt_token_ids,
                     sampling=sampling_params_to_pb(req.sampling),
                     priority=req.priority,
@@ -362,6 +373,8 @@ class Orchestrator:
                 done: set[int] = set()
                 first_of_0 = True  # the worker sends prompt log-probabilities on completion 0's first message
                 async for msg in call:
+                    if canceller is not None:
+                        canceller.attach(stub, worker_request_id)
                     finish = finish_reason_from_pb(msg.finish_reason)
                     logprobs = [token_logprobs_from_pb(lp) for lp in msg.logprobs]
                     prompt_logprobs = None
@@ -474,6 +487,7 @@ class Orchestrator:
         first_tokens: list[int],
         done: set[int],
         timeout_s: float | None,
+        canceller: CompletionCanceller | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         """Relay D's stream for the completions not in ``done`` (those ended at their first token)."""
         call = reservation.stub.Decode(
@@ -493,6 +507,8 @@ class Orchestrator:
         try:
             async for msg in call:
                 reservation.handed_over = True
+                if canceller is not None:
+                    canceller.attach(reservation.stub, reservation.attempt_id)
                 if msg.index in done:  # D reports completions that ended at their first token too
                     continue
                 finish = finish_reason_from_pb(msg.finish_reason)

@@ -7,7 +7,9 @@ string (``engine.stop``: text that could begin a stop string is held back until
 it cannot; on a match the stream ends with ``FINISH_REASON_STOP`` and the decode
 call is cancelled, which frees the request's blocks) and answer. With ``n`` > 1
 each completion has its own detokenizer and stop matcher, messages carry the
-completion's ``index``, and the stream ends once every completion has ended. Errors map to
+completion's ``index``, and the stream ends once every completion has ended; a
+completion cut by a stop string while others run is cancelled on its worker
+(``router.completion_cancel``: ``CancelCompletion`` frees its blocks). Errors map to
 status codes in one place (``engine.serving.abort_with``); a worker's status is
 passed on as it came.
 """
@@ -31,6 +33,7 @@ from engine.serving import abort_with
 from engine.stop import StopStringMatcher
 from engine.tokenizer import Tokenizer
 from engine.tracing import annotate_request, annotate_result
+from router.completion_cancel import CompletionCanceller
 from router.orchestrator import Orchestrator
 from router.validation import ParsedRequest, parse_generate_request
 from tandem.v1 import generation_pb2, generation_pb2_grpc, kv_pb2
@@ -194,8 +197,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self, req: ParsedRequest, context: grpc.aio.ServicerContext, timer: RequestTimer
     ) -> AsyncIterator[generation_pb2.GenerateStreamResponse]:
         # One detokenizer and stop matcher per completion (sampling.n); a completion cut by a
-        # stop string ignores its later tokens (the worker runs it to its end or the stream's).
+        # stop string while others run is cancelled on the worker, and its later tokens ignored.
         n = req.sampling.n
+        canceller = CompletionCanceller()
         detoks = [IncrementalDetokenizer(self._tokenizer, req.prompt_token_ids) for _ in range(n)]
         stoppers = [StopStringMatcher(req.sampling.stop) for _ in range(n)]
         done: set[int] = set()
@@ -203,7 +207,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         cached = 0
         # aclosing: leaving early (stop strings) closes the orchestrator's stream now,
         # which cancels the decode call.
-        async with contextlib.aclosing(self._orchestrator.generate(req, context.time_remaining())) as chunks:
+        async with contextlib.aclosing(
+            self._orchestrator.generate(req, context.time_remaining(), canceller)
+        ) as chunks:
             async for chunk in chunks:
                 i = chunk.index
                 if i in done:
@@ -230,6 +236,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 if finish is not None:
                     msg.finish_reason = finish_reason_to_pb(finish)
                     done.add(i)
+                    if chunk.finish_reason is None and len(done) < n:  # the worker still runs it
+                        canceller.cancel(i)
                 if len(done) == n:
                     msg.usage.CopyFrom(
                         generation_pb2.Usage(

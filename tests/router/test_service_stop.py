@@ -38,7 +38,9 @@ class FakeOrchestrator:
         self.pulled = 0
         self.closed = False
 
-    async def generate(self, req: ParsedRequest, timeout_s: float | None) -> AsyncGenerator[TokenChunk, None]:
+    async def generate(
+        self, req: ParsedRequest, timeout_s: float | None, canceller: Any = None
+    ) -> AsyncGenerator[TokenChunk, None]:
         try:
             for i, token in enumerate(self.token_ids):
                 self.pulled += 1

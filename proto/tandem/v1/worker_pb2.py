@@ -26,37 +26,41 @@ from tandem.v1 import generation_pb2 as tandem_dot_v1_dot_generation__pb2
 from tandem.v1 import kv_pb2 as tandem_dot_v1_dot_kv__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x1atandem/v1/generation.proto\x1a\x12tandem/v1/kv.proto\"\x9a\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12#\n\x04role\x18\x03 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x18\n\x10transfer_address\x18\x07 \x01(\t\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x1b\n\x13num_kv_blocks_total\x18\t \x01(\r\x12\x1a\n\x12num_kv_blocks_free\x18\n \x01(\r\x12\x1c\n\x14num_requests_running\x18\x0b \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x0c \x01(\r\x12\x1a\n\x12num_tokens_waiting\x18\r \x01(\x04\x12\x19\n\x11heartbeat_unix_ms\x18\x0e \x01(\x03\x12+\n\x06layout\x18\x0f \x01(\x0b\x32\x1b.tandem.v1.LayoutDescriptor\"\x83\x01\n\x14LocalGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x14 \x01(\x05\"e\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"@\n\x0fReserveResponse\x12-\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x18.tandem.v1.KvDestination\"\xee\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x05 \x01(\r\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x18\n\x10transfer_wait_ms\x18\x07 \x01(\r\x12\x17\n\x0f\x66irst_token_ids\x18\x14 \x03(\r\x12\x10\n\x08priority\x18\x15 \x01(\x05\"\xc1\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\r\n\x05index\x18\x14 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\x15 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\"K\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x18.tandem.v1.KvDestination\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x14 \x01(\x05\"\xe3\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x03 \x01(\x04\x12\x16\n\x0ekv_blocks_sent\x18\x04 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x36\n\x14\x66irst_token_logprobs\x18\x07 \x01(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x17\n\x0f\x66irst_token_ids\x18\x14 \x03(\r\x12\x37\n\x15\x66irst_tokens_logprobs\x18\x15 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x16 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\x9d\x02\n\x0c\x44\x65\x63odeWorker\x12@\n\x07Reserve\x12\x19.tandem.v1.ReserveRequest\x1a\x1a.tandem.v1.ReserveResponse\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12H\n\x08Generate\x12\x1f.tandem.v1.LocalGenerateRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x32Q\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tandem/v1/worker.proto\x12\ttandem.v1\x1a\x1atandem/v1/generation.proto\x1a\x12tandem/v1/kv.proto\"\x9a\x03\n\nWorkerInfo\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12#\n\x04role\x18\x03 \x01(\x0e\x32\x15.tandem.v1.WorkerRole\x12\x14\n\x0cgrpc_address\x18\x04 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x05 \x01(\t\x12\x11\n\ttransport\x18\x06 \x01(\t\x12\x18\n\x10transfer_address\x18\x07 \x01(\t\x12\x10\n\x08model_id\x18\x08 \x01(\t\x12\x1b\n\x13num_kv_blocks_total\x18\t \x01(\r\x12\x1a\n\x12num_kv_blocks_free\x18\n \x01(\r\x12\x1c\n\x14num_requests_running\x18\x0b \x01(\r\x12\x1c\n\x14num_requests_waiting\x18\x0c \x01(\r\x12\x1a\n\x12num_tokens_waiting\x18\r \x01(\x04\x12\x19\n\x11heartbeat_unix_ms\x18\x0e \x01(\x03\x12+\n\x06layout\x18\x0f \x01(\x0b\x32\x1b.tandem.v1.LayoutDescriptor\"<\n\x17\x43\x61ncelCompletionRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\")\n\x18\x43\x61ncelCompletionResponse\x12\r\n\x05known\x18\x01 \x01(\x08\"\x83\x01\n\x14LocalGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x10\n\x08priority\x18\x14 \x01(\x05\"e\n\x0eReserveRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x19\n\x11num_prompt_tokens\x18\x02 \x01(\r\x12\x12\n\nmax_tokens\x18\x03 \x01(\r\x12\x10\n\x08lease_ms\x18\x04 \x01(\r\"@\n\x0fReserveResponse\x12-\n\x0b\x64\x65stination\x18\x01 \x01(\x0b\x32\x18.tandem.v1.KvDestination\"\xee\x01\n\rDecodeRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x18\n\x10prompt_token_ids\x18\x04 \x03(\r\x12\x16\n\x0e\x66irst_token_id\x18\x05 \x01(\r\x12+\n\x08sampling\x18\x06 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12\x18\n\x10transfer_wait_ms\x18\x07 \x01(\r\x12\x17\n\x0f\x66irst_token_ids\x18\x14 \x03(\r\x12\x10\n\x08priority\x18\x15 \x01(\x05\"\xc1\x01\n\x0e\x44\x65\x63odeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12.\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x17.tandem.v1.FinishReason\x12*\n\x08logprobs\x18\x03 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\r\n\x05index\x18\x14 \x01(\r\x12\x31\n\x0fprompt_logprobs\x18\x15 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\"K\n\x0eReleaseRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0ereservation_id\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\"#\n\x0fReleaseResponse\x12\x10\n\x08released\x18\x01 \x01(\x08\"\xc0\x01\n\x0ePrefillRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x18\n\x10prompt_token_ids\x18\x02 \x03(\r\x12+\n\x08sampling\x18\x03 \x01(\x0b\x32\x19.tandem.v1.SamplingParams\x12-\n\x0b\x64\x65stination\x18\x04 \x01(\x0b\x32\x18.tandem.v1.KvDestination\x12\x12\n\ncache_salt\x18\x05 \x01(\t\x12\x10\n\x08priority\x18\x14 \x01(\x05\"\xe3\x02\n\x0fPrefillResponse\x12\x16\n\x0e\x66irst_token_id\x18\x01 \x01(\r\x12\x19\n\x11num_cached_tokens\x18\x02 \x01(\r\x12\x15\n\rkv_bytes_sent\x18\x03 \x01(\x04\x12\x16\n\x0ekv_blocks_sent\x18\x04 \x01(\r\x12\x17\n\x0fprefill_seconds\x18\x05 \x01(\x01\x12\x18\n\x10transfer_seconds\x18\x06 \x01(\x01\x12\x36\n\x14\x66irst_token_logprobs\x18\x07 \x01(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x17\n\x0f\x66irst_token_ids\x18\x14 \x03(\r\x12\x37\n\x15\x66irst_tokens_logprobs\x18\x15 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs\x12\x31\n\x0fprompt_logprobs\x18\x16 \x03(\x0b\x32\x18.tandem.v1.TokenLogprobs*u\n\nWorkerRole\x12\x1b\n\x17WORKER_ROLE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_ROLE_PREFILL\x10\x01\x12\x16\n\x12WORKER_ROLE_DECODE\x10\x02\x12\x19\n\x15WORKER_ROLE_COLOCATED\x10\x03\x32\xfa\x02\n\x0c\x44\x65\x63odeWorker\x12@\n\x07Reserve\x12\x19.tandem.v1.ReserveRequest\x1a\x1a.tandem.v1.ReserveResponse\x12?\n\x06\x44\x65\x63ode\x12\x18.tandem.v1.DecodeRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x12@\n\x07Release\x12\x19.tandem.v1.ReleaseRequest\x1a\x1a.tandem.v1.ReleaseResponse\x12H\n\x08Generate\x12\x1f.tandem.v1.LocalGenerateRequest\x1a\x19.tandem.v1.DecodeResponse0\x01\x12[\n\x10\x43\x61ncelCompletion\x12\".tandem.v1.CancelCompletionRequest\x1a#.tandem.v1.CancelCompletionResponse2Q\n\rPrefillWorker\x12@\n\x07Prefill\x12\x19.tandem.v1.PrefillRequest\x1a\x1a.tandem.v1.PrefillResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tandem.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKERROLE']._serialized_start=1905
-  _globals['_WORKERROLE']._serialized_end=2022
+  _globals['_WORKERROLE']._serialized_start=2010
+  _globals['_WORKERROLE']._serialized_end=2127
   _globals['_WORKERINFO']._serialized_start=86
   _globals['_WORKERINFO']._serialized_end=496
-  _globals['_LOCALGENERATEREQUEST']._serialized_start=499
-  _globals['_LOCALGENERATEREQUEST']._serialized_end=630
-  _globals['_RESERVEREQUEST']._serialized_start=632
-  _globals['_RESERVEREQUEST']._serialized_end=733
-  _globals['_RESERVERESPONSE']._serialized_start=735
-  _globals['_RESERVERESPONSE']._serialized_end=799
-  _globals['_DECODEREQUEST']._serialized_start=802
-  _globals['_DECODEREQUEST']._serialized_end=1040
-  _globals['_DECODERESPONSE']._serialized_start=1043
-  _globals['_DECODERESPONSE']._serialized_end=1236
-  _globals['_RELEASEREQUEST']._serialized_start=1238
-  _globals['_RELEASEREQUEST']._serialized_end=1313
-  _globals['_RELEASERESPONSE']._serialized_start=1315
-  _globals['_RELEASERESPONSE']._serialized_end=1350
-  _globals['_PREFILLREQUEST']._serialized_start=1353
-  _globals['_PREFILLREQUEST']._serialized_end=1545
-  _globals['_PREFILLRESPONSE']._serialized_start=1548
-  _globals['_PREFILLRESPONSE']._serialized_end=1903
-  _globals['_DECODEWORKER']._serialized_start=2025
-  _globals['_DECODEWORKER']._serialized_end=2310
-  _globals['_PREFILLWORKER']._serialized_start=2312
-  _globals['_PREFILLWORKER']._serialized_end=2393
+  _globals['_CANCELCOMPLETIONREQUEST']._serialized_start=498
+  _globals['_CANCELCOMPLETIONREQUEST']._serialized_end=558
+  _globals['_CANCELCOMPLETIONRESPONSE']._serialized_start=560
+  _globals['_CANCELCOMPLETIONRESPONSE']._serialized_end=601
+  _globals['_LOCALGENERATEREQUEST']._serialized_start=604
+  _globals['_LOCALGENERATEREQUEST']._serialized_end=735
+  _globals['_RESERVEREQUEST']._serialized_start=737
+  _globals['_RESERVEREQUEST']._serialized_end=838
+  _globals['_RESERVERESPONSE']._serialized_start=840
+  _globals['_RESERVERESPONSE']._serialized_end=904
+  _globals['_DECODEREQUEST']._serialized_start=907
+  _globals['_DECODEREQUEST']._serialized_end=1145
+  _globals['_DECODERESPONSE']._serialized_start=1148
+  _globals['_DECODERESPONSE']._serialized_end=1341
+  _globals['_RELEASEREQUEST']._serialized_start=1343
+  _globals['_RELEASEREQUEST']._serialized_end=1418
+  _globals['_RELEASERESPONSE']._serialized_start=1420
+  _globals['_RELEASERESPONSE']._serialized_end=1455
+  _globals['_PREFILLREQUEST']._serialized_start=1458
+  _globals['_PREFILLREQUEST']._serialized_end=1650
+  _globals['_PREFILLRESPONSE']._serialized_start=1653
+  _globals['_PREFILLRESPONSE']._serialized_end=2008
+  _globals['_DECODEWORKER']._serialized_start=2130
+  _globals['_DECODEWORKER']._serialized_end=2508
+  _globals['_PREFILLWORKER']._serialized_start=2510
+  _globals['_PREFILLWORKER']._serialized_end=2591
 # @@protoc_insertion_point(module_scope)

@@ -55,6 +55,11 @@ class DecodeWorkerStub(object):
                 request_serializer=tandem_dot_v1_dot_worker__pb2.LocalGenerateRequest.SerializeToString,
                 response_deserializer=tandem_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
                 _registered_method=True)
+        self.CancelCompletion = channel.unary_unary(
+                '/tandem.v1.DecodeWorker/CancelCompletion',
+                request_serializer=tandem_dot_v1_dot_worker__pb2.CancelCompletionRequest.SerializeToString,
+                response_deserializer=tandem_dot_v1_dot_worker__pb2.CancelCompletionResponse.FromString,
+                _registered_method=True)
 
 
 class DecodeWorkerServicer(object):
@@ -90,6 +95,16 @@ class DecodeWorkerServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelCompletion(self, request, context):
+        """Ends one completion of a running Decode or Generate stream (sampling.n > 1;
+        the router calls it when a stop string ends that completion): its blocks
+        are freed (those shared with live completions stay until they end) and the
+        stream's last message for it carries FINISH_REASON_ABORT. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DecodeWorkerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -112,6 +127,11 @@ def add_DecodeWorkerServicer_to_server(servicer, server):
                     servicer.Generate,
                     request_deserializer=tandem_dot_v1_dot_worker__pb2.LocalGenerateRequest.FromString,
                     response_serializer=tandem_dot_v1_dot_worker__pb2.DecodeResponse.SerializeToString,
+            ),
+            'CancelCompletion': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelCompletion,
+                    request_deserializer=tandem_dot_v1_dot_worker__pb2.CancelCompletionRequest.FromString,
+                    response_serializer=tandem_dot_v1_dot_worker__pb2.CancelCompletionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +243,33 @@ class DecodeWorker(object):
             '/tandem.v1.DecodeWorker/Generate',
             tandem_dot_v1_dot_worker__pb2.LocalGenerateRequest.SerializeToString,
             tandem_dot_v1_dot_worker__pb2.DecodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelCompletion(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tandem.v1.DecodeWorker/CancelCompletion',
+            tandem_dot_v1_dot_worker__pb2.CancelCompletionRequest.SerializeToString,
+            tandem_dot_v1_dot_worker__pb2.CancelCompletionResponse.FromString,
             options,
             channel_credentials,
             insecure,
