@@ -8,13 +8,16 @@ a short deadline (a failure is logged only: the worker ends the completion with
 the rest of the request anyway). The orchestrator :meth:`~CompletionCanceller.attach`\\ es
 the worker's stream once its first message arrived (so the worker knows the
 request id); cancels asked before then (a stop string in a completion's first
-token, sampled by the prefill worker) are sent at that moment.
+token, sampled by the prefill worker) are sent at that moment. After a
+migration (``router.migration``) a completion runs as a stream of its own:
+:meth:`~CompletionCanceller.redirect` makes cancelling it end that stream.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 import grpc
 
@@ -33,6 +36,8 @@ class CompletionCanceller:
         self._stub: worker_pb2_grpc.DecodeWorkerStub | None = None
         self._worker_request_id = ""
         self._pending: set[int] = set()
+        self._cancelled: set[int] = set()
+        self._redirects: dict[int, Callable[[], object]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def attach(self, stub: worker_pb2_grpc.DecodeWorkerStub, worker_request_id: str) -> None:
@@ -48,10 +53,21 @@ class CompletionCanceller:
     def cancel(self, index: int) -> None:
         """End completion ``index`` on the worker (now, or once a worker stream is attached);
         never raises, never waits."""
-        if self._stub is None:
+        self._cancelled.add(index)
+        if index in self._redirects:
+            self._redirects.pop(index)()
+        elif self._stub is None:
             self._pending.add(index)
         else:
             self._send(index)
+
+    def redirect(self, index: int, end: Callable[[], object]) -> None:
+        """Completion ``index`` now runs as a stream of its own: cancelling it calls ``end``
+        (at once when it was cancelled already)."""
+        if index in self._cancelled:
+            end()
+        else:
+            self._redirects[index] = end
 
     def _send(self, index: int) -> None:
         assert self._stub is not None

@@ -21,13 +21,17 @@ Worker failures:
     ``max_prefill_retries`` times. Nothing reached the client yet, so it sees
     one first token only.
   - D dying mid-stream ends the stream with ``UNAVAILABLE`` naming D, or, with
-    ``migrate_on_failure``, resumes the request on another decode worker: the
-    prompt plus every token already yielded is prefilled again as a new prompt
-    (on a prefill worker, into a reservation on a surviving decode worker) with
-    ``max_tokens`` reduced by the tokens yielded. The caller sees one seamless
-    stream: tokens continue where they stopped (greedy decoding gives exactly
-    the tokens D would have produced; seeded sampling draws new ones), and
-    ``num_cached_tokens`` is reported for the original prompt only.
+    ``migrate_on_failure``, resumes the request on other decode workers
+    (``router.migration``): each completion not finished (all ``n`` of them
+    run side by side) becomes an ``n`` = 1 request whose prompt, the prompt
+    plus that completion's tokens already yielded, is prefilled again (on a
+    prefill worker, into a reservation on a surviving decode worker) with
+    ``max_tokens`` reduced by those tokens and the completion's own sampling
+    parameters. The caller sees one seamless stream per completion: tokens
+    continue where they stopped (greedy decoding gives exactly the tokens D
+    would have produced; seeded sampling draws new ones), and
+    ``num_cached_tokens`` is reported for the original prompt only. At most
+    ``MAX_MIGRATIONS`` decode workers may be lost under one request.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 import grpc
 
@@ -47,6 +51,7 @@ from engine.errors import WorkerUnavailable
 from engine.metrics import ProcessMetrics
 from engine.tracing import annotate, span
 from router.completion_cancel import CompletionCanceller
+from router.migration import relay_concurrently, resumed
 from router.prefix_index import PrefixIndex, prefill_routing_request
 from router.routing import RoutingPolicy, RoutingRequest, WorkerView, cached_tokens
 from router.validation import ParsedRequest
@@ -156,7 +161,8 @@ class Orchestrator:
             timeout_s: seconds left of the client's deadline (None: no deadline);
                 every downstream call gets what remains.
             canceller: attached to the worker stream that generates the completions,
-                once it has answered, so the caller can end one completion early.
+                once it has answered, so the caller can end one completion early (after a
+                migration, redirected to the stream resuming that completion).
 
         Raises:
             WorkerUnavailable: no healthy worker in a pool.
@@ -177,49 +183,59 @@ class Orchestrator:
             ):
                 yield chunk
             return
-        emitted: list[int] = []  # tokens already yielded, across migrations
-        lost: set[str] = set()  # decode workers that died under this request
-        current = req
-        while True:
-            try:
-                async with contextlib.aclosing(
-                    self._generate_disaggregated(current, remaining, started, frozenset(lost), canceller)
-                ) as chunks:
-                    async for chunk in chunks:
-                        emitted.extend(chunk.token_ids)
-                        yield (
-                            chunk
-                            if current is req
-                            else replace(chunk, num_cached_tokens=0, prompt_logprobs=None)
-                        )
-                return
-            except DecodeWorkerLost as exc:
-                lost.add(exc.worker_id)
-                others = [
-                    w for w in self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE) if w.worker_id not in lost
-                ]
-                if (
-                    not self._migrate_on_failure
-                    or not others
-                    or len(lost) > MAX_MIGRATIONS
-                    or req.sampling.n > 1
-                ):
-                    raise
-                current = self._continuation(req, emitted)
-                logger.warning(
-                    "%s; migrating request %s to another decode worker after %d tokens",
-                    exc,
-                    req.request_id,
-                    len(emitted),
-                )
+        async with contextlib.aclosing(
+            self._generate_migrating(req, remaining, started, set(), canceller)
+        ) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
-    def _continuation(self, req: ParsedRequest, emitted: list[int]) -> ParsedRequest:
-        """``req`` resumed after ``emitted``: they join the prompt, and ``max_tokens`` shrinks by as many
-        (prompt log-probabilities were already sent with the first token)."""
-        sampling = replace(
-            req.sampling, max_tokens=req.sampling.max_tokens - len(emitted), prompt_logprobs=None
-        )
-        return replace(req, prompt_token_ids=[*req.prompt_token_ids, *emitted], sampling=sampling)
+    async def _generate_migrating(
+        self,
+        req: ParsedRequest,
+        remaining: Callable[[], float | None],
+        started: float,
+        lost: set[str],
+        canceller: CompletionCanceller | None = None,
+    ) -> AsyncGenerator[TokenChunk, None]:
+        """Steps 1-4 of the module docstring; a decode worker lost mid-stream joins ``lost``
+        (one set per client request, shared by its resumed streams: ``MAX_MIGRATIONS`` counts
+        per request) and, with ``migrate_on_failure``, every completion not finished resumes
+        on another decode worker (``router.migration``).
+
+        Raises:
+            DecodeWorkerLost: the decode worker died mid-stream and the request is not moved.
+        """
+        emitted: list[list[int]] = [[] for _ in range(req.sampling.n)]  # tokens yielded per completion
+        finished: set[int] = set()
+        try:
+            async with contextlib.aclosing(
+                self._generate_disaggregated(req, remaining, started, frozenset(lost), canceller)
+            ) as chunks:
+                async for chunk in chunks:
+                    emitted[chunk.index].extend(chunk.token_ids)
+                    if chunk.finish_reason is not None:
+                        finished.add(chunk.index)
+                    yield chunk
+            return
+        except DecodeWorkerLost as exc:
+            lost.add(exc.worker_id)
+            others = [w for w in self._pool.healthy(worker_pb2.WORKER_ROLE_DECODE) if w.worker_id not in lost]
+            if not self._migrate_on_failure or not others or len(lost) > MAX_MIGRATIONS:
+                raise
+            logger.warning(
+                "%s; migrating request %s to another decode worker after %d tokens",
+                exc,
+                req.request_id,
+                sum(map(len, emitted)),
+            )
+        streams = {
+            i: self._generate_migrating(resumed(req, i, emitted[i]), remaining, started, lost)
+            for i in range(req.sampling.n)
+            if i not in finished
+        }
+        async with contextlib.aclosing(relay_concurrently(streams, canceller)) as resumed_chunks:
+            async for chunk in resumed_chunks:
+                yield chunk
 
     async def _generate_disaggregated(
         self,
