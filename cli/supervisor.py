@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -233,10 +234,38 @@ def terminate(children: Sequence[Child], grace_s: float) -> None:
             child.popen.wait()
 
 
+#: Lowest port :func:`free_port` hands out.
+FIRST_PORT = 10000
+
+
+def _ephemeral_port_floor() -> int:
+    """The first port of the kernel's ephemeral range (``ip_local_port_range``; 32768 if unknown)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it; another process may take it)."""
+    """A TCP port that is free on ``host`` right now.
+
+    Chosen at random in ``[FIRST_PORT, ephemeral floor)``, below the kernel's ephemeral
+    range, so that the local port of an outgoing connection (which the kernel takes
+    from that range) cannot claim it between this probe and the child's bind; another
+    process picking ports may still take it. Falls back to a port the OS picks.
+    """
     host = host.strip("[]") or "0.0.0.0"
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    floor = _ephemeral_port_floor()
+    rng = random.SystemRandom()
+    for _ in range(64 if floor > FIRST_PORT + 1000 else 0):
+        port = rng.randrange(FIRST_PORT, floor)
+        with socket.socket(family, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+from cli.supervisor import free_port as _free_port
 
 
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port on 127.0.0.1 that was free a moment ago (see :func:`cli.supervisor.free_port`)."""
+    return _free_port("127.0.0.1")
