@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from kvtransfer.base import TransferStats
-from kvtransfer.device import DeviceKvSender
+from kvtransfer.device_sender import DeviceKvSender
 from kvtransfer.layout import KvDestination, KvLayout
 from kvtransfer.tcp import TcpKvSender
 

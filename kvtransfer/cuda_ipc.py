@@ -13,7 +13,7 @@ the message's layers, through the peer mapping. Per message the host work is sma
 and stays on the event loop: the source and destination ids go to the GPU in one
 non-blocking copy from pinned memory and the kernel is launched. Only a ``last``
 message (and a flush before an abandon or a dropped connection) records a CUDA
-event after its copy and polls it (:func:`kvtransfer.device.wait_cuda_event`): the
+event after its copy and polls it (:func:`kvtransfer.device_events.wait_cuda_event`): the
 stream runs in order, so every earlier layer group of the request is in place too
 when ``KvWriteDone`` of the ``last`` one tells the decode worker to commit.
 """
@@ -27,13 +27,10 @@ from typing import TYPE_CHECKING, ClassVar
 
 from engine.errors import InvalidRequest, LayoutMismatch
 from kvtransfer.base import _Reservation
-from kvtransfer.device import (
-    DeviceKvReceiver,
-    DeviceKvSender,
-    ReceiverChannel,
-    SenderChannel,
-    wait_cuda_event,
-)
+from kvtransfer.device import ReceiverChannel, SenderChannel
+from kvtransfer.device_events import wait_cuda_event
+from kvtransfer.device_receiver import DeviceKvReceiver
+from kvtransfer.device_sender import DeviceKvSender
 from kvtransfer.layout import KvLayout
 from tandem.v1 import kv_pb2
 

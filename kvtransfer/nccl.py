@@ -3,9 +3,10 @@
 Across hosts (or wherever CUDA IPC cannot reach). One two-rank process group per
 (prefill worker, decode worker) pair, created at the handshake
 (:mod:`kvtransfer.device`) and reused by every message: the decode worker hosts
-one ``TCPStore`` for all its peers; its ``KvExport`` carries the store's address,
-a key prefix unique to the connection, the torch.distributed backend and its
-staging size (``NcclRendezvous``). Both sides then build the group on the
+one ``TCPStore`` for all its peers (each pair's rendezvous uses a client of its own,
+so a peer that never joins holds up only its own pair); its ``KvExport`` carries
+the store's address, a key prefix unique to the connection, the torch.distributed
+backend and its staging size (``NcclRendezvous``). Both sides then build the group on the
 prefixed store (sender rank 0, receiver rank 1) and exchange one warm-up
 element, so the communicator exists before the first request.
 
@@ -27,15 +28,19 @@ and kept in ``memory`` (bytes) of the sender and receiver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import logging
+import threading
 import uuid
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from engine.errors import InvalidRequest, TransferFailed
 from kvtransfer.base import _Reservation
-from kvtransfer.device import DeviceKvReceiver, DeviceKvSender, ReceiverChannel, SenderChannel
+from kvtransfer.device import ReceiverChannel, SenderChannel
+from kvtransfer.device_receiver import DeviceKvReceiver
+from kvtransfer.device_sender import DeviceKvSender
 from kvtransfer.layout import KvLayout
 from tandem.v1 import kv_pb2
 
@@ -43,6 +48,8 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 #: Bytes of each side's staging buffer per peer.
 STAGING_BYTES = 64 << 20
@@ -173,14 +180,19 @@ class _NcclReceiverChannel(ReceiverChannel):
             await asyncio.to_thread(_sync, cache.device)
 
     async def close(self) -> None:
-        if (
-            self.group_future.done()
-            and not self.group_future.cancelled()
-            and self.group_future.exception() is None
-        ):
-            group, _ = self.group_future.result()
-            if hasattr(group, "shutdown"):
-                group.shutdown()
+        if self.group_future.done():
+            _shutdown(self.group_future)
+        else:  # once a late sender joined (or the rendezvous timed out)
+            self.group_future.add_done_callback(_shutdown)
+
+
+def _shutdown(future: asyncio.Future[tuple[Any, int]]) -> None:
+    """Shut a pair's group down once it exists (a failed rendezvous has nothing to shut)."""
+    if future.cancelled() or future.exception() is not None:
+        return
+    group, _ = future.result()
+    if hasattr(group, "shutdown"):
+        group.shutdown()
 
 
 async def open_nccl_receiver(
@@ -210,14 +222,47 @@ async def open_nccl_receiver(
             receiver_rank=RECEIVER_RANK,
         )
     )
-    pair_store = dist.PrefixStore(prefix, store)
-    group_future = asyncio.ensure_future(
-        asyncio.to_thread(make_group, backend, pair_store, RECEIVER_RANK, cache.device, receiver.host)
-    )
+    port = store.port
+
+    def join() -> tuple[Any, int]:
+        # A store client per pair: a client's blocking wait holds its socket, so one client shared
+        # by all pairs let a sender that never joined stall every later rendezvous for P2P_TIMEOUT_S.
+        client = dist.TCPStore(receiver.host, port, None, False, datetime.timedelta(seconds=P2P_TIMEOUT_S))
+        pair_store = dist.PrefixStore(prefix, client)
+        return make_group(backend, pair_store, RECEIVER_RANK, cache.device, receiver.host)
+
+    group_future = _in_daemon_thread(join)
     group_future.add_done_callback(
         lambda f: _account(receiver.memory, hello.peer.worker_id, f, STAGING_BYTES, cache)
     )
     return _NcclReceiverChannel(group_future, STAGING_BYTES)
+
+
+def _in_daemon_thread(fn: Callable[[], _T]) -> asyncio.Future[_T]:
+    """``fn()`` in a thread of its own: a rendezvous whose peer never joins blocks for
+    :data:`P2P_TIMEOUT_S`, which must hold neither the event loop's shared executor nor its
+    shutdown."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, exc: BaseException | None) -> None:
+        if future.cancelled():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def run() -> None:
+        try:
+            result, exc = fn(), None
+        except BaseException as error:
+            result, exc = None, error
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, exc)
+
+    threading.Thread(target=run, name="kv-nccl-rendezvous", daemon=True).start()
+    return future
 
 
 def _account(

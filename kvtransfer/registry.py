@@ -6,7 +6,7 @@ point-to-point; ``gloo`` on CPU caches), ``auto`` and the in-process ``loopback`
 ``auto``: a decode worker whose cache is on CPU serves ``tcp``; on CUDA it serves
 the device control channel and, per prefill worker, picks ``cuda_ipc`` when both
 caches are on CUDA of one host and ``nccl`` otherwise, from the host ids and
-devices exchanged at the handshake (:func:`kvtransfer.device.choose_transport`).
+devices exchanged at the handshake (:func:`kvtransfer.device_handshake.choose_transport`).
 A prefill worker under ``auto`` follows each destination's transport.
 """
 
@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from kvtransfer.auto import AutoKvSender
 from kvtransfer.base import KvReceiver, KvSender
 from kvtransfer.cuda_ipc import CudaIpcKvReceiver, CudaIpcKvSender
-from kvtransfer.device import DeviceKvReceiver
+from kvtransfer.device_receiver import DeviceKvReceiver
 from kvtransfer.loopback import LoopbackKvReceiver, LoopbackKvSender
 from kvtransfer.nccl import NcclKvReceiver, NcclKvSender
 from kvtransfer.tcp import TcpKvReceiver, TcpKvSender

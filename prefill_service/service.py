@@ -39,7 +39,7 @@ from engine.serving import abort_with
 from engine.tracing import GEN_AI_USAGE_INPUT_TOKENS, span, transfer_attributes
 from engine.worker_runtime import WorkerRuntime
 from kvtransfer.base import KvSender, TransferStats
-from kvtransfer.device import wait_cuda_event
+from kvtransfer.device_events import wait_cuda_event
 from kvtransfer.layout import KvDestination
 from prefill_service.layer_stream import LayerGroupReady, LayerStreamer
 from tandem.v1 import worker_pb2, worker_pb2_grpc

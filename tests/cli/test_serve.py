@@ -118,7 +118,7 @@ def test_plan_gives_exact_child_command_lines(tmp_path: Path) -> None:
         *("--block-size", "8", "--host", "127.0.0.1"),
     ]
     scheduler = [
-        *("--redis-url", "redis://127.0.0.1:7000/0", "--redis-prefix", "tandem", "--kv-transport", "tcp"),
+        *("--redis-url", "redis://127.0.0.1:7000/0", "--redis-prefix", "tandem", "--kv-transport", "auto"),
         *("--kv-transfer-layers-per-message", "8"),
         *("--lease-ms", "30000", "--max-num-seqs", "64", "--max-num-batched-tokens", "2048"),
         *("--max-queue-len", "256", "--seed", "1", "--load-format", "auto", "--kernels", "auto"),

@@ -119,12 +119,6 @@ def gloo_stack(model: Path, redis_server, tmp_path_factory: pytest.TempPathFacto
     assert s.stop() == 0
 
 
-@pytest.mark.xfail(
-    reason="known bug (issue 4): on the device channel (nccl/cuda_ipc), concurrent cancels can fail "
-    "another in-flight request with FAILED_PRECONDITION 'reservation ... is unknown or released'; "
-    "seen intermittently in full runs; the default transport is tcp until it is fixed",
-    strict=False,
-)
 def test_device_channel_streams_and_cancels_free_every_block(gloo_stack: Stack, model: Path) -> None:
     sampling = SamplingParams(max_tokens=40, ignore_eos=True)
     calls = []

@@ -9,7 +9,8 @@ import pytest
 
 from engine.errors import InvalidRequest, LayoutMismatch
 from kvtransfer.auto import AutoKvSender
-from kvtransfer.device import DeviceKvReceiver, choose_transport
+from kvtransfer.device_handshake import choose_transport
+from kvtransfer.device_receiver import DeviceKvReceiver
 from kvtransfer.nccl import NcclKvSender
 from tandem.v1 import kv_pb2
 from tests.kvtransfer import DST_BLOCKS, EPOCH, SRC_BLOCKS, destination, make_layout, random_cache, zero_cache

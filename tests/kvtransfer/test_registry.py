@@ -10,7 +10,7 @@ from engine.errors import TransferFailed
 from kvtransfer import available_backends, get_backend
 from kvtransfer.auto import AutoKvSender
 from kvtransfer.cuda_ipc import CudaIpcKvReceiver, CudaIpcKvSender
-from kvtransfer.device import DeviceKvReceiver
+from kvtransfer.device_receiver import DeviceKvReceiver
 from kvtransfer.loopback import LoopbackKvReceiver, LoopbackKvSender
 from kvtransfer.nccl import NcclKvReceiver, NcclKvSender
 from kvtransfer.registry import receiver_backend
