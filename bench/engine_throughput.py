@@ -165,6 +165,7 @@ def run_engine(
         max_num_batched_tokens=args.max_num_batched_tokens,
         load_format=args.load_format,
         seed=args.seed,
+        async_scheduling=args.async_scheduling,
     )
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
@@ -193,6 +194,10 @@ def profile_engine(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
       of 1040 tokens) / copy bandwidth.
     - Host time not overlapped: median over decode steps of (period between
       consecutive step starts - GPU time of the step).
+    - Each decode batch is measured twice: synchronous steps, then with
+      asynchronous scheduling (``EngineCore.async_scheduling``: step N + 1 is
+      launched before step N's tokens reach the host, so the scheduler and
+      the detokenisation overlap the GPU); entries carry ``async_scheduling``.
     - Prefill: 8 prompts x 2048 tokens, one output token; model FLOPs
       (2 x non-embedding parameters per token + causal attention) over the GPU
       time of the prefill steps.
@@ -218,10 +223,13 @@ def profile_engine(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
         "fused_ops": runner.fused_ops,
         "decode": [],
     }
-    for batch in PROFILE_DECODE_BATCHES:
+    core = llm.engine_core
+    for batch, async_scheduling in itertools.product(PROFILE_DECODE_BATCHES, (False, True)):
+        core.async_scheduling = async_scheduling  # no step is in flight between generate calls
         prompts = random_prompts(batch, 1024, config.vocab_size, args.seed + 7)
         llm.generate(prompts, greedy, use_tqdm=False)  # warm-up
         runner.step_timings = []
+        async_steps = core.num_async_steps
         llm.generate(prompts, greedy, use_tqdm=False)
         steps, runner.step_timings = runner.step_timings, None
         decode = [s for s in steps if s.decode and s.num_seqs == batch]
@@ -231,6 +239,8 @@ def profile_engine(llm: LLM, args: argparse.Namespace) -> dict[str, Any]:
         report["decode"].append(
             {
                 "batch_size": batch,
+                "async_scheduling": async_scheduling,
+                "async_steps": core.num_async_steps - async_steps,
                 "context": 1040,
                 "step_gpu_s": gpu_s,
                 "step_wall_s": statistics.median(s.wall_s for s in decode),
@@ -355,6 +365,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the prompts and of dummy weights")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="time the engine with asynchronous scheduling (--profile measures both modes)",
+    )
+    parser.add_argument(
         "--profile",
         action="store_true",
         help="CUDA: also measure decode step vs bandwidth floor, prefill vs matmul rate, host overhead",
@@ -404,6 +419,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "benchmark": "engine_throughput",
         "model": model_name,
         "load_format": args.load_format,
+        "async_scheduling": args.async_scheduling,
         "device": args.device,
         "dtype": dtype,
         "prompt_len": args.prompt_len,

@@ -102,6 +102,12 @@ def add_model_options(parser: argparse.ArgumentParser, *, engine: bool = True) -
         action="store_true",
         help="never capture CUDA graphs for decode steps (default: capture on CUDA)",
     )
+    group.add_argument(
+        "--async-scheduling",
+        action="store_true",
+        help="decode and colocated workers: schedule each decode step while the previous one "
+        "runs on the device, overlapping host work (default: off)",
+    )
     cache = parser.add_argument_group("KV cache")
     cache.add_argument(
         "--num-kv-blocks",
@@ -349,6 +355,7 @@ def worker_config_from_args(args: argparse.Namespace, role: Role) -> WorkerConfi
         load_format=args.load_format,
         kernels=args.kernels,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
         colocated=getattr(args, "colocated", False),
         enable_prefix_caching=args.enable_prefix_caching,
         security=security_config_from_args(args, public=False),
@@ -421,6 +428,8 @@ def worker_flags(config: WorkerConfig) -> list[str]:
         flags += ["--transfer-port", str(config.transfer_port)]
     if config.enforce_eager:
         flags += ["--enforce-eager"]
+    if config.async_scheduling:
+        flags += ["--async-scheduling"]
     if config.colocated:
         flags += ["--colocated"]
     if not config.enable_prefix_caching:

@@ -39,6 +39,11 @@ class TokenLogprobs:
 SampleResult = int | TokenLogprobs
 
 
+#: Stands in ``SequenceInput.token_ids`` for a token not yet known on the host
+#: (asynchronous scheduling); see ``SequenceInput.feed_row``.
+PLACEHOLDER_TOKEN_ID = -1
+
+
 def sampled_token_id(result: int | TokenLogprobs) -> int:
     """The token id of one sampled result (a plain id or a :class:`TokenLogprobs`)."""
     return result.token_id if isinstance(result, TokenLogprobs) else result
@@ -65,8 +70,9 @@ class SequenceInput:
             sampled this step (0 for the first token); seeds per-token generators.
         prompt_token_ids: the request's whole prompt (repetition penalty).
         output_token_ids: the tokens generated before this step (repetition,
-            presence and frequency penalties). Both may be the scheduler's own
-            lists: read them during the step only, never modify them.
+            presence and frequency penalties). These two and ``block_table``
+            may be the scheduler's own lists: read them during the step only,
+            never modify them.
         prompt_logprobs: OUTPUT, filled by the runner when
             ``sampling.prompt_logprobs`` is set and the slice computes prompt
             tokens: the log-probabilities of prompt tokens ``start_pos + 1 ..
@@ -90,6 +96,7 @@ class SequenceInput:
     output_token_ids: Sequence[int] = ()
     prompt_logprobs: list[TokenLogprobs] | None = None
     samples: list[SampleResult] | None = None
+    feed_row: int | None = None
 
     @property
     def is_prefill(self) -> bool:

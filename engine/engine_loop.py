@@ -10,6 +10,11 @@ Loop of the engine thread:
   2. if requests are unfinished, run one ``step()`` and hand each output to its
      request's queue; otherwise sleep until a command arrives;
   3. publish a :class:`LoadSnapshot` (read by heartbeats and metrics).
+
+With asynchronous scheduling (``EngineCore(async_scheduling=True)``) a step
+may still run on the device while commands execute; the core then counts as
+busy (``has_unfinished_requests``) until that step's results are applied, and
+frees the blocks of a request aborted meanwhile only once the step is done.
 """
 
 from __future__ import annotations

@@ -21,6 +21,13 @@ no copy). A completion about to write into a block that others still hold
 (the prompt's last, partially filled block) first takes a private copy
 (:meth:`KVCacheManager.copy_on_write`); the runner copies the block's keys and
 values. The last holder writes in place, so every block is freed exactly once.
+
+Deferred frees (asynchronous scheduling): a request that ends while a step
+that writes its blocks may still run on the device gives its block table up
+at once (the id can be reused) but its blocks stay taken until
+:meth:`KVCacheManager.free_deferred`, called once that step has completed;
+otherwise a KV transfer could reserve a freed block and write it while the
+step still does.
 """
 
 from __future__ import annotations
@@ -55,7 +62,9 @@ class KVCacheManager:
         self.enable_prefix_caching = enable_prefix_caching
         self.model_id = model_id
         self._blocks: dict[str, list[KVCacheBlock]] = {}
+        self._block_ids: dict[str, list[int]] = {}  # ids of _blocks, kept in step (hot path reads)
         self._hashes: dict[str, list[bytes]] = {}  # hashes of each request's leading full blocks
+        self._deferred: list[list[KVCacheBlock]] = []  # freed tables a running step may still write
 
     @property
     def num_free_blocks(self) -> int:
@@ -146,43 +155,81 @@ class KVCacheManager:
                 raise CapacityExceeded(f"not enough free KV blocks for {num_tokens} tokens of {req_id}")
             self.block_pool.touch(cached_blocks)
             self._blocks[req_id] = list(cached_blocks)
+            self._block_ids[req_id] = [b.block_id for b in cached_blocks]
             self._hashes[req_id] = [b.block_hash for b in cached_blocks if b.block_hash is not None]
         needed = self.num_blocks_needed(num_tokens, req_id)
+        if req_id not in self._blocks:
+            self._blocks[req_id] = []
+            self._block_ids[req_id] = []
         if needed == 0:
-            self._blocks.setdefault(req_id, [])
             return []
         new_blocks = self.block_pool.get_new_blocks(needed)
-        self._blocks.setdefault(req_id, []).extend(new_blocks)
-        return [b.block_id for b in new_blocks]
+        new_ids = [b.block_id for b in new_blocks]
+        self._blocks[req_id].extend(new_blocks)
+        self._block_ids[req_id].extend(new_ids)
+        return new_ids
 
-    def free(self, req_id: str) -> int:
+    def free(self, req_id: str, *, defer: bool = False) -> int:
         """Free every block of ``req_id`` (no-op for an unknown id).
 
         Blocks are freed tail first, so the end of a sequence is evicted before
         its (more shareable) beginning.
 
+        Args:
+            req_id: the request.
+            defer: a step still running on the device may write these blocks:
+                drop the block table now but keep the blocks taken until
+                :meth:`free_deferred`.
+
+        Returns:
+            Number of blocks released (or deferred).
+        """
+        blocks = self._blocks.pop(req_id, [])
+        self._block_ids.pop(req_id, None)
+        self._hashes.pop(req_id, None)
+        if defer:
+            if blocks:
+                self._deferred.append(blocks)
+        else:
+            self.block_pool.free_blocks(reversed(blocks))
+        return len(blocks)
+
+    @property
+    def num_deferred_blocks(self) -> int:
+        """Blocks freed with ``defer=True`` and not yet released (counted as used)."""
+        return sum(len(blocks) for blocks in self._deferred)
+
+    def free_deferred(self) -> int:
+        """Release every block freed with ``defer=True``, tables in the order they were freed.
+
         Returns:
             Number of blocks released.
         """
-        blocks = self._blocks.pop(req_id, [])
-        self._hashes.pop(req_id, None)
-        self.block_pool.free_blocks(reversed(blocks))
-        return len(blocks)
+        released = 0
+        for blocks in self._deferred:
+            self.block_pool.free_blocks(reversed(blocks))
+            released += len(blocks)
+        self._deferred.clear()
+        return released
 
-    def cache_full_blocks(self, request: Request) -> None:
+    def cache_full_blocks(self, request: Request, num_computed_tokens: int | None = None) -> None:
         """Register ``request``'s blocks that are full and computed in the prefix cache.
 
-        Block ``i`` is registered once ``request.num_computed_tokens`` covers
-        its last token; a block whose hash another block already holds stays
+        Block ``i`` is registered once ``num_computed_tokens`` (default
+        ``request.num_computed_tokens``; the scheduler passes the end of the
+        step it applies, since a later step may be in flight) covers its last token; a block whose hash another block already holds stays
         unregistered (the first copy serves later requests). A no-op when
         prefix caching is off or the request holds no blocks.
         """
+        if not self.enable_prefix_caching:
+            return
         blocks = self._blocks.get(request.req_id)
-        if not self.enable_prefix_caching or blocks is None:
+        if blocks is None:
             return
         bs = self.block_size
         hashes = self._hashes.setdefault(request.req_id, [])
-        num_full = min(request.num_computed_tokens // bs, len(blocks))
+        computed = request.num_computed_tokens if num_computed_tokens is None else num_computed_tokens
+        num_full = min(computed // bs, len(blocks))
         if len(hashes) >= num_full:
             return
         first = len(hashes)
@@ -204,11 +251,13 @@ class KVCacheManager:
             KeyError: ``parent_id`` owns no block table.
         """
         blocks = self._blocks.pop(parent_id)
+        ids = self._block_ids.pop(parent_id)
         hashes = self._hashes.pop(parent_id, [])
         for child_id in child_ids:
             assert child_id not in self._blocks, f"{child_id} already holds blocks"
             self.block_pool.touch(blocks)
             self._blocks[child_id] = list(blocks)
+            self._block_ids[child_id] = list(ids)
             self._hashes[child_id] = list(hashes)
         self.block_pool.free_blocks(reversed(blocks))
 
@@ -239,6 +288,9 @@ class KVCacheManager:
         (copy,) = self.block_pool.get_new_blocks(1)
         shared = blocks[index]
         blocks[index] = copy
+        ids = list(self._block_ids[req_id])  # a new list: readers may cache what they saw of the old one
+        ids[index] = copy.block_id
+        self._block_ids[req_id] = ids
         self.block_pool.free_blocks([shared])
         return shared.block_id, copy.block_id
 
@@ -252,7 +304,18 @@ class KVCacheManager:
         Raises:
             KeyError: ``req_id`` owns no block table.
         """
-        return [b.block_id for b in self._blocks[req_id]]
+        return list(self._block_ids[req_id])
+
+    def block_table_view(self, req_id: str) -> list[int]:
+        """Block ids of ``req_id`` in sequence order: the manager's own list, which
+        only grows (appends) while the request runs; a copy-on-write replaces
+        it with a new list. Read it, never modify it (a copy would cost a
+        Python list per request per step).
+
+        Raises:
+            KeyError: ``req_id`` owns no block table.
+        """
+        return self._block_ids[req_id]
 
     def slot_mapping(self, req_id: str, start_pos: int, num_tokens: int) -> list[int]:
         """Cache slots of positions ``[start_pos, start_pos + num_tokens)``.

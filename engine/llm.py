@@ -121,6 +121,10 @@ class LLM:
         kernels: ``"auto"`` (Triton kernels on CUDA, torch on CPU), ``"triton"``
             or ``"torch"`` (the reference path, for comparison).
         enforce_eager: never capture CUDA graphs for decode steps (as vLLM's option).
+        async_scheduling: schedule and launch each decode step while the
+            previous one still runs, so the scheduler and the detokenisation
+            overlap the device (see :mod:`engine.engine_core`; outputs are
+            those of the synchronous engine).
 
     Raises:
         ValueError: bad checkpoint, dtype, load format, device or KV budget.
@@ -142,6 +146,7 @@ class LLM:
         seed: int = 0,
         kernels: str = WorkerConfig.kernels,
         enforce_eager: bool = False,
+        async_scheduling: bool = False,
     ) -> None:
         self.model_config = ModelConfig.from_pretrained(model)
         device = resolve_device(_check_device(device))
@@ -168,7 +173,7 @@ class LLM:
             ),
             KVCacheManager(BlockPool(self.runner.num_kv_blocks, block_size)),
         )
-        self.engine_core = EngineCore(scheduler, self.runner)
+        self.engine_core = EngineCore(scheduler, self.runner, async_scheduling=async_scheduling)
         has_tokenizer = (self.model_config.path / "tokenizer.json").is_file()
         self.tokenizer = Tokenizer.from_pretrained(self.model_config.path) if has_tokenizer else None
         self._request_counter = itertools.count()

@@ -15,6 +15,16 @@ Lifecycle:
 3. The cache tensor :attr:`ModelRunner.kv_cache` is what the KV transfer layer
    reads and writes between steps.
 
+:meth:`ModelRunner.execute` is :meth:`ModelRunner.launch` then
+:meth:`LaunchedStep.results`. ``launch`` queues the forward pass and the
+sampling on the device and returns without a host sync when the batch can be
+sampled on the device (no penalties, log-probabilities, prompt
+log-probabilities or ``n`` > 1; see :meth:`engine.sampler.Sampler.sample_ids`);
+the next step can then be launched before this one's ids reach the host
+(asynchronous scheduling): an input whose last token is a placeholder
+(``SequenceInput.feed_row``) takes it from the previous step's sampled ids on
+the device. On CPU the same calls run synchronously.
+
 On CUDA the runner uses the Triton attention backend and fused ops, and
 replays captured CUDA graphs for pure decode steps (see
 :mod:`engine.cuda_graphs`); ``attention_backend="torch"``, ``fused_ops="torch"``
@@ -28,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +72,12 @@ class StepTiming:
         num_seqs: sequences in the step.
         decode: every sequence had one new token.
         graph: the step replayed a CUDA graph.
-        prepare_s: host seconds from entering ``execute`` to launching the forward pass.
+        prepare_s: host seconds from entering ``launch`` to launching the forward pass.
         gpu_s: device seconds from the forward's launch point to the sampled tokens
             (CUDA events; 0 on CPU).
-        wall_s: host seconds spent in ``execute``.
-        started_s: ``time.perf_counter()`` on entering ``execute`` (to measure the
+        wall_s: host seconds from entering ``launch`` to the sampled ids on the host
+            (with asynchronous scheduling this spans the next step's launch).
+        started_s: ``time.perf_counter()`` on entering ``launch`` (to measure the
             period between steps, hence the time the GPU waits on the host).
     """
 
@@ -77,6 +88,60 @@ class StepTiming:
     gpu_s: float
     wall_s: float
     started_s: float
+
+
+class LaunchedStep:
+    """A step queued on the device; :meth:`results` waits for its sampled ids.
+
+    Args:
+        num_seqs: inputs of the step.
+        sampled_rows: indices of the inputs that sample, in order.
+        sampled_ids: int64 ``[len(sampled_rows)]`` on the device, or ``None``
+            when ``results`` are already on the host.
+        results: the host results when ``sampled_ids`` is ``None``.
+        on_done: called once, after the first :meth:`results` (step timing).
+    """
+
+    def __init__(
+        self,
+        num_seqs: int,
+        sampled_rows: list[int],
+        sampled_ids: torch.Tensor | None,
+        results: list[int | TokenLogprobs | None] | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
+        self.num_seqs = num_seqs
+        self.sampled_rows = sampled_rows
+        self.sampled_ids = sampled_ids
+        self._results = results
+        self._on_done = on_done
+        self._positions: dict[int, int] | None = None
+
+    def position_of(self, row: int) -> int:
+        """Index in :attr:`sampled_ids` of input ``row``'s token.
+
+        Raises:
+            ValueError: input ``row`` does not sample.
+        """
+        if self._positions is None:
+            self._positions = {r: i for i, r in enumerate(self.sampled_rows)}
+        position = self._positions.get(row)
+        if position is None:
+            raise ValueError(f"input {row} of the previous step samples no token")
+        return position
+
+    def results(self) -> list[int | TokenLogprobs | None]:
+        """Per input, as :meth:`ModelRunner.execute` returns (syncs on the sampled ids once)."""
+        if self._results is None:
+            assert self.sampled_ids is not None
+            results: list[int | TokenLogprobs | None] = [None] * self.num_seqs
+            for row, token in zip(self.sampled_rows, self.sampled_ids.tolist(), strict=True):
+                results[row] = token
+            self._results = results
+        if self._on_done is not None:
+            on_done, self._on_done = self._on_done, None
+            on_done()
+        return self._results
 
 
 def _env_override(name: str, value: str) -> str:
@@ -204,12 +269,12 @@ class ModelRunner:
         """Axis order of :attr:`kv_cache` (``"LKBTHD"``)."""
         return self.kv_cache_spec.layout
 
-    @torch.inference_mode()
     def execute(self, seqs: Sequence[SequenceInput]) -> list[int | TokenLogprobs | None]:
-        """Compute one step and sample.
+        """Compute one step and sample (:meth:`launch`, then wait for the results).
 
         Args:
-            seqs: one slice per scheduled request (see :class:`SequenceInput`).
+            seqs: one slice per scheduled request (see :class:`SequenceInput`);
+                none may hold a placeholder.
 
         Returns:
             Per input, ``None`` when ``sample`` is not set, else the sampled token
@@ -218,51 +283,98 @@ class ModelRunner:
             filled when their sampling parameters ask for them.
 
         Raises:
-            ValueError: an input exceeds ``max_model_len``, has a block table
-                too short for its tokens, or names a block outside the cache.
+            ValueError: see :meth:`launch`.
         """
         if not seqs:
             return []
-        start = time.perf_counter()
-        self._check_inputs(seqs)
-        timer = _StepTimer(self.device) if self.step_timings is not None else None
-        hidden, query_start_loc, graph = self._forward(seqs, timer)
-        self._fill_prompt_logprobs(seqs, hidden, query_start_loc)
-        sampled = [i for i, s in enumerate(seqs) if s.sample]
-        results: list[int | TokenLogprobs | None] = [None] * len(seqs)
-        if not sampled:
-            return results
-        if len(sampled) == len(seqs) and hidden.shape[0] == len(seqs):
-            last_hidden = hidden  # one row per sequence (decode): no gather
-        else:
-            last_rows = torch.tensor([query_start_loc[i + 1] - 1 for i in sampled], device=self.device)
-            last_hidden = hidden[last_rows]
-        logits = self.model.compute_logits(last_hidden)
-        tokens = self.sampler.sample(logits, [seqs[i] for i in sampled])
-        for i, token in zip(sampled, tokens, strict=True):
-            results[i] = token
-        if timer is not None and self.step_timings is not None:
-            decode = hidden.shape[0] == len(seqs)
-            self.step_timings.append(timer.finish(len(seqs), decode, graph, start))
-        return results
+        return self.launch(seqs).results()
 
-    def _forward(
-        self, seqs: Sequence[SequenceInput], timer: _StepTimer | None
-    ) -> tuple[torch.Tensor, Sequence[int], bool]:
-        """Hidden states ``[T, hidden]`` of the step, its query row offsets, and
-        whether a CUDA graph ran (pure decode batches within the captured sizes)."""
+    @torch.inference_mode()
+    def launch(self, seqs: Sequence[SequenceInput], previous: LaunchedStep | None = None) -> LaunchedStep:
+        """Queue one step's forward pass and sampling on the device.
+
+        Args:
+            seqs: one slice per scheduled request (at least one).
+            previous: the step launched before, whose sampled ids feed the
+                inputs with a ``feed_row``.
+
+        Returns:
+            The step; its sampled ids stay on the device (no host sync) unless
+            an input asks for penalties, log-probabilities, prompt
+            log-probabilities or ``n`` > 1 (then they are computed now).
+
+        Raises:
+            ValueError: an input exceeds ``max_model_len``, has a block table
+                too short for its tokens, names a block outside the cache, or
+                has a ``feed_row`` that ``previous`` cannot serve from the device.
+        """
+        start = time.perf_counter()
         graphs = self.graphs
-        if (
+        use_graph = (
             graphs is not None
             and len(seqs) <= graphs.max_batch_size
             and all(len(s.token_ids) == 1 for s in seqs)
-        ):
-            width = graphs.prepare_decode(
-                [s.token_ids[0] for s in seqs], [s.start_pos for s in seqs], [s.block_table for s in seqs]
-            )
+        )
+        if not use_graph:
+            self._check_inputs(seqs)  # the graph path checks while it builds its inputs
+        timer = _StepTimer(self.device) if self.step_timings is not None else None
+        feed = _feed_tokens(seqs, previous, self.device)
+        hidden, query_start_loc, graph = self._forward(seqs, timer, feed, use_graph)
+        self._fill_prompt_logprobs(seqs, hidden, query_start_loc)
+        sampled = [i for i, s in enumerate(seqs) if s.sample]
+        if not sampled:
+            return LaunchedStep(len(seqs), sampled, None, [None] * len(seqs))
+        if len(sampled) == len(seqs) and hidden.shape[0] == len(seqs):
+            last_hidden = hidden  # one row per sequence (decode): no gather
+        else:
+            last_rows = _to_device([int(query_start_loc[i + 1]) - 1 for i in sampled], self.device)
+            last_hidden = hidden[last_rows]
+        logits = self.model.compute_logits(last_hidden)
+        sampled_seqs = [seqs[i] for i in sampled]
+        ids = self.sampler.sample_ids(logits, sampled_seqs)
+        results: list[int | TokenLogprobs | None] | None = None
+        if ids is None:
+            results = [None] * len(seqs)
+            for i, token in zip(sampled, self.sampler.sample(logits, sampled_seqs), strict=True):
+                results[i] = token
+        on_done = None
+        if timer is not None:
+            timer.end()
+            decode = hidden.shape[0] == len(seqs)
+            on_done = self._timing_recorder(timer, len(seqs), decode, graph, start)
+        return LaunchedStep(len(seqs), sampled, ids, results, on_done)
+
+    def _timing_recorder(
+        self, timer: _StepTimer, num_seqs: int, decode: bool, graph: bool, start: float
+    ) -> Callable[[], None]:
+        def record() -> None:
+            if self.step_timings is not None:
+                self.step_timings.append(timer.finish(num_seqs, decode, graph, start))
+
+        return record
+
+    def _forward(
+        self,
+        seqs: Sequence[SequenceInput],
+        timer: _StepTimer | None,
+        feed: tuple[list[int], torch.Tensor] | None,
+        use_graph: bool,
+    ) -> tuple[torch.Tensor, Sequence[int], bool]:
+        """Hidden states ``[T, hidden]`` of the step, its query row offsets, and
+        whether a CUDA graph ran (pure decode batches within the captured sizes).
+
+        ``feed``: ``(input rows, token ids on the device)`` replacing those
+        inputs' last (placeholder) token."""
+        graphs = self.graphs
+        if use_graph:
+            assert graphs is not None
+            width = graphs.prepare_inputs(seqs, self.num_kv_blocks, self.max_model_len)
             if timer is not None:
                 timer.launch()  # after the host-side input build: the GPU is idle until here
-            hidden = graphs.replay_prepared(len(seqs), width)
+            graph_feed = None
+            if feed is not None:
+                graph_feed = (_to_device(feed[0], self.device), feed[1])
+            hidden = graphs.replay_prepared(len(seqs), width, graph_feed)
             return hidden, range(len(seqs) + 1), True
         metadata = AttentionMetadata.build(
             [s.start_pos for s in seqs],
@@ -275,8 +387,12 @@ class ModelRunner:
         positions = torch.cat([torch.arange(s.start_pos, s.end_pos, dtype=torch.int64) for s in seqs])
         if timer is not None:
             timer.launch()
+        device_ids = input_ids.to(self.device, non_blocking=True)
+        if feed is not None:
+            last = [metadata.query_start_loc_cpu[i + 1] - 1 for i in feed[0]]
+            device_ids[_to_device(last, self.device)] = feed[1]
         hidden = self.model(
-            input_ids.to(self.device, non_blocking=True),
+            device_ids,
             positions.to(self.device, non_blocking=True),
             self.kv_cache,
             metadata,
@@ -316,18 +432,46 @@ class ModelRunner:
         self.kv_cache[:, :, dst] = self.kv_cache[:, :, src]  # layout LKBTHD: blocks on axis 2
 
     def _check_inputs(self, seqs: Sequence[SequenceInput]) -> None:
-        num_blocks, block_size = self.num_kv_blocks, self.block_size
-        for s in seqs:
-            if s.end_pos > self.max_model_len:
-                raise ValueError(f"{s.req_id}: {s.end_pos} tokens exceed max_model_len {self.max_model_len}")
-            needed = s.block_table[: -(-s.end_pos // block_size)]
-            if not needed or (min(needed) >= 0 and max(needed) < num_blocks):
-                continue  # min/max run in C: no per-block Python work on the hot path
-            bad = [b for b in needed if not 0 <= b < num_blocks]
-            if bad:
-                raise ValueError(
-                    f"{s.req_id}: block ids {bad} outside the cache of {self.num_kv_blocks} blocks"
-                )
+        check_inputs(seqs, self.num_kv_blocks, self.block_size, self.max_model_len)
+
+
+def check_inputs(seqs: Sequence[SequenceInput], num_blocks: int, block_size: int, max_model_len: int) -> None:
+    """Reject inputs past ``max_model_len`` (tokens) or with block ids outside ``[0, num_blocks)``.
+
+    Raises:
+        ValueError: naming the request.
+    """
+    for s in seqs:
+        end = s.end_pos
+        if end > max_model_len:
+            raise ValueError(f"{s.req_id}: {end} tokens exceed max_model_len {max_model_len}")
+        table = s.block_table
+        num_needed = -(-end // block_size)
+        needed = table if len(table) == num_needed else table[:num_needed]
+        if not needed or (min(needed) >= 0 and max(needed) < num_blocks):
+            continue  # min/max run in C: no per-block Python work on the hot path
+        bad = [b for b in needed if not 0 <= b < num_blocks]
+        if bad:
+            raise ValueError(f"{s.req_id}: block ids {bad} outside the cache of {num_blocks} blocks")
+
+
+def _to_device(values: list[int], device: torch.device) -> torch.Tensor:
+    """int64 tensor of ``values`` on ``device`` (an asynchronous copy on CUDA)."""
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _feed_tokens(
+    seqs: Sequence[SequenceInput], previous: LaunchedStep | None, device: torch.device
+) -> tuple[list[int], torch.Tensor] | None:
+    """``(rows, token ids)``: the inputs whose last token is a placeholder, and the
+    ids ``previous`` sampled for them, gathered on the device (no host sync)."""
+    rows = [i for i, s in enumerate(seqs) if s.feed_row is not None]
+    if not rows:
+        return None
+    if previous is None or previous.sampled_ids is None:
+        raise ValueError("inputs with a feed_row need the previous step's sampled ids on the device")
+    positions = [previous.position_of(seqs[i].feed_row) for i in rows]  # type: ignore[arg-type]
+    return rows, previous.sampled_ids[_to_device(positions, device)]
 
 
 class _StepTimer:
@@ -345,11 +489,15 @@ class _StepTimer:
         if self._cuda:
             self._events[0].record()
 
+    def end(self) -> None:
+        """Mark the end of the step's device work (after sampling), without waiting for it."""
+        if self._cuda:
+            self._events[1].record()
+
     def finish(self, num_seqs: int, decode: bool, graph: bool, start_s: float) -> StepTiming:
         """Close the step (synchronises the end event on CUDA)."""
         gpu_s = 0.0
         if self._cuda:
-            self._events[1].record()
             self._events[1].synchronize()
             gpu_s = self._events[0].elapsed_time(self._events[1]) / 1000
         end = time.perf_counter()

@@ -106,6 +106,17 @@ class Request:
             (completion 0 of a forked request inherits its parent's); else ``None``.
         arrival_seq: admission order inside the scheduler (ties of
             ``arrival_time``); set by the scheduler.
+        num_output_placeholders: tokens scheduled to be sampled whose ids the
+            scheduler has not received yet (0 or 1 between a step's schedule and
+            its update; 2 while asynchronous scheduling runs a step ahead).
+            ``num_computed_tokens`` already counts the positions those steps
+            compute.
+        needs_host_tokens: set from ``sampling`` and ``hold_blocks_on_finish``:
+            a step sampling for this request must reach the host before the
+            next step is scheduled (penalties, log-probabilities, prompt
+            log-probabilities, ``n`` > 1, or a prefill worker's request).
+        step_row: the request's row among the inputs of the step that last
+            scheduled it (set by the scheduler; -1 before).
     """
 
     req_id: str
@@ -125,10 +136,21 @@ class Request:
     index: int = 0
     prompt_logprobs: list[TokenLogprobs] | None = None
     arrival_seq: int = 0
+    num_output_placeholders: int = 0
+    needs_host_tokens: bool = field(init=False, default=False)
+    step_row: int = field(init=False, default=-1)
 
     def __post_init__(self) -> None:
-        if self.prompt_logprobs is None and self.sampling.prompt_logprobs is not None:
+        sp = self.sampling
+        if self.prompt_logprobs is None and sp.prompt_logprobs is not None:
             self.prompt_logprobs = []
+        self.needs_host_tokens = (
+            sp.n != 1
+            or sp.logprobs is not None
+            or sp.prompt_logprobs is not None
+            or sp.has_penalties
+            or self.hold_blocks_on_finish
+        )
 
     @property
     def output_req_id(self) -> str:

@@ -29,6 +29,10 @@ a request) is sampled ``n`` times, completion ``i`` with
 ``SamplingParams.for_child(i)`` (its own seed), so every completion's first
 token is drawn independently from the same logits.
 
+:meth:`Sampler.sample_ids` returns the ids as a device tensor, without a host
+sync, for batches without penalties, log-probabilities or ``n`` > 1
+(asynchronous scheduling feeds them to the next step on the device).
+
 Randomness: ``u`` is drawn on the CPU. For a request with ``seed`` its token
 number ``i`` uses a ``torch.Generator`` seeded with :func:`mix_seed` ``(seed, i)``,
 so the draw does not depend on the batch, the step or the device; unseeded
@@ -110,13 +114,40 @@ class Sampler:
             start += n
         return results
 
+    def sample_ids(self, logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> torch.Tensor | None:
+        """The sampled ids as int64 ``[N]`` on ``logits``' device, without a host sync.
+
+        Args:
+            logits: ``[N, vocab_size]`` raw logits.
+            seqs: the inputs the rows belong to (see :meth:`sample`).
+
+        Returns:
+            The ids :meth:`sample` would return, or ``None`` when a row has
+            penalties, log-probabilities or ``n`` > 1 (use :meth:`sample`).
+        """
+        params = [s.sampling for s in seqs]
+        if any(p.n != 1 or p.logprobs is not None or p.has_penalties for p in params):
+            return None
+        if all(p.greedy for p in params):
+            # Argmax in the logits' own dtype: upcasting is exact, so the ids and
+            # tie-breaking are those of the float32 path, without the copy.
+            return logits.argmax(dim=-1)
+        logits = logits.float()
+        ids = logits.argmax(dim=-1)  # greedy rows; the random rows are replaced below
+        random_rows = [i for i, p in enumerate(params) if not p.greedy]
+        rows = _device_tensor(random_rows, logits.device, torch.int64)
+        ids[rows] = self._sample_random(
+            logits[rows], [params[i] for i in random_rows], [seqs[i].output_index for i in random_rows]
+        )
+        return ids
+
     def _sample_rows(self, logits: torch.Tensor, seqs: Sequence[SequenceInput]) -> list[SampleResult]:
         """:meth:`sample` for rows that all have ``sampling.n`` 1."""
         params = [s.sampling for s in seqs]
-        if all(p.greedy and p.logprobs is None and not p.has_penalties for p in params):
-            # Fast path: argmax in the logits' own dtype (upcasting is exact, so the
-            # ids and tie-breaking are those of the float32 path); one device sync.
-            return list(logits.argmax(dim=-1).tolist())
+        if all(p.logprobs is None and not p.has_penalties for p in params):
+            ids = self.sample_ids(logits, seqs)
+            assert ids is not None
+            return list(ids.tolist())  # one device sync
         logits = logits.float()
         raw_logits = logits
         logits = apply_penalties(logits, seqs)
@@ -132,7 +163,7 @@ class Sampler:
             chosen = self._sample_random(
                 logits[rows], [params[i] for i in random_rows], [seqs[i].output_index for i in random_rows]
             )
-            for i, token in zip(random_rows, chosen, strict=True):
+            for i, token in zip(random_rows, chosen.tolist(), strict=True):
                 tokens[i] = token
         results: list[SampleResult] = list(tokens)
         logprob_rows = [i for i, p in enumerate(params) if p.logprobs is not None]
@@ -148,19 +179,20 @@ class Sampler:
 
     def _sample_random(
         self, logits: torch.Tensor, params: list[SamplingParams], output_indices: list[int]
-    ) -> list[int]:
+    ) -> torch.Tensor:
+        """int64 ``[N]`` ids drawn from float32 ``logits`` (on their device, no host sync)."""
         device = logits.device
-        temperature = torch.tensor([p.temperature for p in params], device=device).unsqueeze(1)
+        temperature = _device_tensor([p.temperature for p in params], device, torch.float32).unsqueeze(1)
         sorted_logits, sorted_ids = torch.sort(logits / temperature, dim=-1, descending=True, stable=True)
         sorted_logits = _apply_top_k(sorted_logits, [p.top_k for p in params])
         probs = torch.softmax(sorted_logits, dim=-1)
         probs = _apply_top_p(probs, [p.top_p for p in params])
         probs = _apply_min_p(probs, [p.min_p for p in params])
-        uniforms = self._uniforms(params, output_indices).to(device)
+        uniforms = self._uniforms(params, output_indices).to(device, non_blocking=True)
         cdf = probs.cumsum(dim=-1)
         positions = torch.searchsorted(cdf, (uniforms * cdf[:, -1]).unsqueeze(1), right=True)
         positions = positions.clamp(max=logits.shape[1] - 1)
-        return sorted_ids.gather(1, positions).squeeze(1).tolist()
+        return sorted_ids.gather(1, positions).squeeze(1)
 
     def _uniforms(self, params: list[SamplingParams], output_indices: list[int]) -> torch.Tensor:
         """float32 CPU ``[n]`` uniforms in [0, 1): per-token generators for seeded rows."""
@@ -173,6 +205,14 @@ class Sampler:
                 generator.manual_seed(mix_seed(p.seed, index))
             uniforms[row] = torch.rand((), generator=generator)
         return uniforms
+
+
+def _device_tensor(
+    values: Sequence[float] | Sequence[int], device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``values`` on ``device`` by an asynchronous copy (``torch.tensor(..., device=cuda)``
+    would wait for the device's queued work: no overlap with a step in flight)."""
+    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
 
 
 def _token_matrix(histories: list[Sequence[int]], vocab_size: int, device: torch.device) -> torch.Tensor:
@@ -247,7 +287,7 @@ def _apply_top_k(sorted_logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
     vocab_size = sorted_logits.shape[1]
     if all(k == 0 or k >= vocab_size for k in top_k):
         return sorted_logits
-    k = torch.tensor([k if k > 0 else vocab_size for k in top_k], device=sorted_logits.device)
+    k = _device_tensor([k if k > 0 else vocab_size for k in top_k], sorted_logits.device, torch.int64)
     columns = torch.arange(vocab_size, device=sorted_logits.device)
     return sorted_logits.masked_fill(columns.unsqueeze(0) >= k.unsqueeze(1), float("-inf"))
 
@@ -256,7 +296,7 @@ def _apply_top_p(sorted_probs: torch.Tensor, top_p: list[float]) -> torch.Tensor
     """Zero the tail of each row once the mass before a token reaches ``top_p`` (1.0 keeps all)."""
     if all(p >= 1.0 for p in top_p):
         return sorted_probs
-    p = torch.tensor(top_p, device=sorted_probs.device, dtype=sorted_probs.dtype).unsqueeze(1)
+    p = _device_tensor(top_p, sorted_probs.device, sorted_probs.dtype).unsqueeze(1)
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
     return sorted_probs.masked_fill(mass_before >= p, 0.0)
 
@@ -270,5 +310,5 @@ def _apply_min_p(sorted_probs: torch.Tensor, min_p: list[float]) -> torch.Tensor
     """
     if all(p == 0.0 for p in min_p):
         return sorted_probs
-    p = torch.tensor(min_p, device=sorted_probs.device, dtype=sorted_probs.dtype).unsqueeze(1)
+    p = _device_tensor(min_p, sorted_probs.device, sorted_probs.dtype).unsqueeze(1)
     return sorted_probs.masked_fill(sorted_probs < p * sorted_probs[:, :1], 0.0)

@@ -20,9 +20,24 @@ One :meth:`Scheduler.schedule` call:
      remaining budget is split, and only the chunk that reaches the end of the
      sequence samples a token.
 
-:meth:`Scheduler.update_from_output` then advances cursors, registers blocks
-that became full in the prefix cache, appends sampled tokens, applies stop
-conditions and frees finished requests' blocks.
+:meth:`Scheduler.schedule` advances each scheduled request's cursor at once
+and counts the token it will sample as a *placeholder*
+(``Request.num_output_placeholders``); :meth:`Scheduler.update_from_output`
+then registers blocks that became full in the prefix cache, replaces the
+placeholders with the sampled tokens, applies stop conditions and frees
+finished requests' blocks.
+
+Asynchronous scheduling (``EngineCore(async_scheduling=True)``):
+:meth:`Scheduler.schedule_ahead` schedules step N + 1 while step N still runs
+on the device. A running decode request then computes its placeholder (the
+runner takes the token from step N's sampled ids on the device); a request
+known to end at step N by length is left out; a request that ends at step N
+on a stop token computes one wasted row in step N + 1, whose result
+:meth:`Scheduler.update_from_output` drops (it is no longer running).
+:meth:`Scheduler.schedule_ahead` declines (returns ``None``) when the step
+would need a preemption or a copy-on-write block. Blocks of requests that end
+while a step that writes them may still run are freed only once that step has
+completed (:meth:`Scheduler.mark_in_flight`).
 
 ``n`` > 1 completions: the prompt is computed once, by the request itself.
 Its sampling step returns ``n`` tokens; the request then *forks* into ``n``
@@ -53,7 +68,13 @@ import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from engine.batch import SampleResult, SequenceInput, TokenLogprobs, sampled_token_id
+from engine.batch import (
+    PLACEHOLDER_TOKEN_ID,
+    SampleResult,
+    SequenceInput,
+    TokenLogprobs,
+    sampled_token_id,
+)
 from engine.errors import CapacityExceeded, InvalidRequest, ReservationNotFound
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.request import EngineOutput, Request, RequestStatus, finish_reason
@@ -91,9 +112,12 @@ class SchedulerOutput:
         blocks_to_copy: ``(src_block_id, dst_block_id)`` pairs whose keys and
             values the runner copies, in order, before the forward pass
             (copy-on-write of blocks shared by forked completions).
+        requests: the scheduled requests, one per ``seqs`` entry (results of
+            a request that ended, or was replaced under the same id, are dropped).
     """
 
     seqs: list[SequenceInput] = field(default_factory=list)
+    requests: list[Request] = field(default_factory=list)
     preempted_req_ids: list[str] = field(default_factory=list)
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)
 
@@ -121,6 +145,8 @@ class Scheduler:
         self.reservations: set[str] = set()
         self.forks: dict[str, list[Request]] = {}  # parent id -> its unfinished completions
         self._arrivals = itertools.count()
+        self._in_flight: SchedulerOutput | None = None  # the step the device may still run
+        self._in_flight_ids: frozenset[str] | None = None  # its request ids, built at the first free
 
     # ---- queries -------------------------------------------------------
 
@@ -238,8 +264,29 @@ class Scheduler:
         else:
             self.waiting.remove(request)
         request.status = RequestStatus.FINISHED_ABORTED
-        self.kv_cache_manager.free(request.req_id)
+        self._free_blocks(request.req_id)
         self._forget_child(request)
+
+    def _free_blocks(self, req_id: str) -> None:
+        """Free ``req_id``'s blocks, deferred while a step that writes them may still run."""
+        defer = False
+        if self._in_flight is not None:
+            if self._in_flight_ids is None:
+                self._in_flight_ids = frozenset(s.req_id for s in self._in_flight.seqs)
+            defer = req_id in self._in_flight_ids
+        self.kv_cache_manager.free(req_id, defer=defer)
+
+    def mark_in_flight(self, scheduler_output: SchedulerOutput | None) -> None:
+        """Say which step the device may still be computing (asynchronous scheduling).
+
+        Every step launched before it has completed: the blocks whose frees
+        were deferred are released now. Until the next call, blocks of
+        ``scheduler_output``'s requests that end (finish, abort) are freed
+        deferred (:meth:`KVCacheManager.free`); ``None``: nothing runs.
+        """
+        self.kv_cache_manager.free_deferred()
+        self._in_flight = scheduler_output
+        self._in_flight_ids = None
 
     def _forget_child(self, request: Request) -> None:
         if request.parent_req_id is None:
@@ -252,22 +299,35 @@ class Scheduler:
     # ---- scheduling ----------------------------------------------------
 
     def _make_input(self, request: Request, num_new_tokens: int) -> SequenceInput:
+        """The step's input for ``request``; tokens not sampled yet are placeholders."""
         start = request.num_computed_tokens
         end = start + num_new_tokens
+        known = request.num_tokens
+        if end <= known:
+            token_ids = request.token_ids_between(start, end)
+            feed_row = None
+        else:  # the last token is being sampled by the previous step, at the request's row there
+            token_ids = request.token_ids_between(start, known)
+            token_ids += [PLACEHOLDER_TOKEN_ID] * (end - max(start, known))
+            assert end - known == 1 and request.num_output_placeholders == 1, request.req_id
+            feed_row = request.step_row
+        num_outputs = len(request.output_token_ids) + request.num_output_placeholders
         return SequenceInput(
             req_id=request.req_id,
-            token_ids=request.token_ids_between(start, end),
+            token_ids=token_ids,
             start_pos=start,
-            block_table=self.kv_cache_manager.get_block_table(request.req_id),
-            sample=end == request.num_tokens,
+            block_table=self.kv_cache_manager.block_table_view(request.req_id),
+            sample=end == known + request.num_output_placeholders,
             sampling=request.sampling,
-            output_index=len(request.output_token_ids),
+            output_index=num_outputs,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            feed_row=feed_row,
         )
 
     def _preempt(self, request: Request) -> None:
-        self.kv_cache_manager.free(request.req_id)
+        assert request.num_output_placeholders == 0, f"{request.req_id} preempted with a step in flight"
+        self._free_blocks(request.req_id)
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
         self._enqueue(request)
@@ -281,24 +341,31 @@ class Scheduler:
         Returns False when ``request`` itself had to be preempted.
         """
         kv = self.kv_cache_manager
+        req_id = request.req_id
         write_pos = request.num_computed_tokens
-        while not kv.can_allocate(num_tokens, request.req_id, write_pos=write_pos):
+        while True:  # as kv.can_allocate(num_tokens, req_id, write_pos=write_pos), parts kept
+            needed = kv.num_blocks_needed(num_tokens, req_id)
+            copies = kv.num_copy_on_write_blocks(req_id, write_pos)
+            if needed + copies <= kv.num_free_blocks:
+                break
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted_req_ids.append(victim.req_id)
             if victim is request:
                 return False
-        copy = kv.copy_on_write(request.req_id, write_pos)
-        if copy is not None:
+        if copies:
+            copy = kv.copy_on_write(req_id, write_pos)
+            assert copy is not None
             out.blocks_to_copy.append(copy)
-        kv.allocate(request.req_id, num_tokens)
+        if needed:
+            kv.allocate(req_id, num_tokens)
         return True
 
     def schedule(self) -> SchedulerOutput:
         """Choose this step's tokens (see the module docstring for the policy)."""
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
-        self.running.sort(key=lambda r: (*r.schedule_key, r.index))
+        self.running.sort(key=_running_order)
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
@@ -306,10 +373,61 @@ class Scheduler:
             if not self._allocate_or_preempt(request, request.num_computed_tokens + n, out):
                 break
             out.seqs.append(self._make_input(request, n))
+            out.requests.append(request)
             budget -= n
             i += 1
-        if out.preempted_req_ids:
-            return out
+        if not out.preempted_req_ids:
+            self._admit(out, budget)
+        _advance_cursors(out)
+        return out
+
+    def schedule_ahead(self) -> SchedulerOutput | None:
+        """Choose step N + 1's tokens while step N may still run (asynchronous scheduling).
+
+        As :meth:`schedule`, except that a request whose pending tokens reach
+        ``max_tokens`` or ``max_model_len`` is left out (it ends at step N),
+        and that nothing is preempted or copied.
+
+        Returns:
+            The step, or ``None`` (nothing changed) when a running request
+            would need a preemption or a copy-on-write block: the caller
+            applies step N first and calls :meth:`schedule`.
+        """
+        kv = self.kv_cache_manager
+        self.running.sort(key=_running_order)
+        budget = self.config.max_num_batched_tokens
+        free = kv.num_free_blocks
+        plan: list[tuple[Request, int, int]] = []  # request, tokens, new blocks
+        for request in self.running:
+            if budget <= 0:
+                break
+            pending = request.num_output_placeholders
+            if pending and _ends_with_pending(request, pending):
+                continue
+            n = min(request.num_tokens + pending - request.num_computed_tokens, budget)
+            num_tokens = request.num_computed_tokens + n
+            if request.parent_req_id is not None and kv.num_copy_on_write_blocks(
+                request.req_id, request.num_computed_tokens
+            ):
+                return None
+            needed = kv.num_blocks_needed(num_tokens, request.req_id)
+            free -= needed
+            if free < 0:
+                return None
+            plan.append((request, n, needed))
+            budget -= n
+        out = SchedulerOutput()
+        for request, n, needed in plan:
+            if needed:
+                kv.allocate(request.req_id, request.num_computed_tokens + n)
+            out.seqs.append(self._make_input(request, n))
+            out.requests.append(request)
+        self._admit(out, budget)
+        _advance_cursors(out)
+        return out
+
+    def _admit(self, out: SchedulerOutput, budget: int) -> None:
+        """Move WAITING requests into the running batch while budget, seats and blocks allow."""
         kv = self.kv_cache_manager
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
@@ -332,8 +450,8 @@ class Scheduler:
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.seqs.append(self._make_input(request, n))
+            out.requests.append(request)
             budget -= n
-        return out
 
     def _finish(self, request: Request) -> None:
         self.running.remove(request)
@@ -341,7 +459,7 @@ class Scheduler:
         if request.hold_blocks_on_finish:
             self.held[request.req_id] = request
         else:
-            self.kv_cache_manager.free(request.req_id)
+            self._free_blocks(request.req_id)
         self._forget_child(request)
 
     def update_from_output(
@@ -358,26 +476,35 @@ class Scheduler:
                 ``n`` > 1 request) forks its request instead.
 
         Returns:
-            One output per request that sampled a token, in input order.
+            One output per request that sampled a token, in input order; none
+            for a request that ended (or was aborted) after the step was
+            scheduled: its result is dropped.
 
         Raises:
             ValueError: ``sampled`` has the wrong length or lacks a token for an
                 input that samples.
         """
-        if len(sampled) != len(scheduler_output.seqs):
-            raise ValueError(f"{len(sampled)} results for {len(scheduler_output.seqs)} inputs")
+        seqs = scheduler_output.seqs
+        if len(sampled) != len(seqs):
+            raise ValueError(f"{len(sampled)} results for {len(seqs)} inputs")
+        scheduled: Sequence[Request | None] = scheduler_output.requests or [
+            self.requests.get(s.req_id) for s in seqs
+        ]
         outputs = []
-        for seq, result in zip(scheduler_output.seqs, sampled, strict=True):
-            request = self.requests.get(seq.req_id)
-            if request is None or request.status is not RequestStatus.RUNNING:
-                continue  # aborted after scheduling
-            request.num_computed_tokens = seq.end_pos
-            _record_prompt_logprobs(request, seq)
-            self.kv_cache_manager.cache_full_blocks(request)
+        requests = self.requests
+        cache_full_blocks = self.kv_cache_manager.cache_full_blocks
+        running = RequestStatus.RUNNING
+        for seq, request, result in zip(seqs, scheduled, sampled, strict=True):
+            if request is None or request.status is not running or requests.get(seq.req_id) is not request:
+                continue  # ended (stop token, abort) after scheduling
+            if seq.prompt_logprobs is not None:
+                _record_prompt_logprobs(request, seq)
+            cache_full_blocks(request, seq.end_pos)
             if not seq.sample:
                 continue
             if result is None:
                 raise ValueError(f"no token sampled for {seq.req_id!r}")
+            request.num_output_placeholders -= 1
             if seq.samples is not None:
                 outputs.extend(self._fork(request, seq.samples))
             else:
@@ -386,23 +513,28 @@ class Scheduler:
 
     def _append_token(self, request: Request, result: SampleResult) -> EngineOutput:
         """Append one sampled token, apply stop conditions, and describe it."""
-        token_id = sampled_token_id(result)
+        if isinstance(result, TokenLogprobs):
+            token_id, logprobs = result.token_id, [result]
+        else:
+            token_id, logprobs = result, []
         request.append_output_token(token_id)
         finished = request.check_stop()
         if finished:
             self._finish(request)
-        first = len(request.output_token_ids) == 1 and request.prompt_logprobs is not None
+        prompt_logprobs = request.prompt_logprobs
+        if prompt_logprobs is not None and len(request.output_token_ids) == 1:
+            prompt_logprobs = list(prompt_logprobs)  # the first output carries them
+        else:
+            prompt_logprobs = None
         return EngineOutput(
             req_id=request.output_req_id,
             new_token_ids=[token_id],
             finished=finished,
-            finish_reason=finish_reason(request.status),
+            finish_reason=finish_reason(request.status) if finished else None,
             num_cached_tokens=request.num_cached_tokens,
-            logprobs=[result] if isinstance(result, TokenLogprobs) else [],
+            logprobs=logprobs,
             index=request.index,
-            prompt_logprobs=list(request.prompt_logprobs)
-            if first and request.prompt_logprobs is not None
-            else None,
+            prompt_logprobs=prompt_logprobs,
         )
 
     def _fork(self, request: Request, results: Sequence[SampleResult]) -> list[EngineOutput]:
@@ -462,7 +594,7 @@ class Scheduler:
         """
         if self.held.pop(req_id, None) is None:
             return False
-        self.kv_cache_manager.free(req_id)
+        self._free_blocks(req_id)
         return True
 
     def reserve(self, req_id: str, num_tokens: int, max_tokens: int | None = None) -> list[int]:
@@ -574,6 +706,30 @@ class Scheduler:
                 num_cached_tokens=request.num_cached_tokens,
             )
         ]
+
+
+def _ends_with_pending(request: Request, pending: int) -> bool:
+    """Whether ``request`` reaches ``max_tokens`` or ``max_model_len`` once its
+    ``pending`` placeholder tokens are applied (it then ends without another step)."""
+    limit = request.max_model_len
+    return len(request.output_token_ids) + pending >= request.sampling.max_tokens or (
+        limit is not None and request.num_tokens + pending >= limit
+    )
+
+
+def _advance_cursors(out: SchedulerOutput) -> None:
+    """Move each scheduled request's cursor past its step, count the token it
+    samples, and record its row (which the next step's placeholder reads)."""
+    for row, (request, seq) in enumerate(zip(out.requests, out.seqs, strict=True)):
+        request.step_row = row
+        request.num_computed_tokens = seq.end_pos
+        if seq.sample:
+            request.num_output_placeholders += 1
+
+
+def _running_order(request: Request) -> tuple[int, float, int, int]:
+    """Order of the running batch: ``(priority, arrival)``, then completion index."""
+    return (request.priority, request.arrival_time, request.arrival_seq, request.index)
 
 
 def _record_prompt_logprobs(request: Request, seq: SequenceInput) -> None:

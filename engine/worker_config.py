@@ -51,10 +51,10 @@ class WorkerConfig:
         redis_url: Redis server of the worker registry.
         redis_prefix: prefix of every Redis key Tandem writes.
         worker_id: stable id; ``None`` uses :func:`default_worker_id`.
-        kv_transport: KV transfer backend: ``"tcp"`` (the default), ``"auto"`` (decided per
-            worker pair at the KV handshake: cuda_ipc on one host with GPUs, nccl across
-            hosts, tcp on CPU), ``"cuda_ipc"`` or ``"nccl"``. The device backends are opt-in
-            until concurrent cancels on their shared control connection are fixed (issue 4).
+        kv_transport: KV transfer backend: ``"auto"`` (the default: decided per worker pair
+            at the KV handshake: cuda_ipc on one host with GPUs, nccl across hosts; tcp, with
+            TLS when configured, whenever the decode worker's cache is on CPU), ``"tcp"``,
+            ``"cuda_ipc"`` or ``"nccl"``.
         kv_transfer_layers_per_message: layer-wise KV streaming on a prefill worker:
             layers per message, sent as soon as they are computed; 0 sends the whole
             prompt in one message after the forward. The default 8 sends a 32-layer
@@ -78,6 +78,9 @@ class WorkerConfig:
         kernels: ``"auto"`` (Triton kernels and CUDA graphs on CUDA, torch on CPU),
             ``"triton"`` or ``"torch"`` (the reference path, for comparison).
         enforce_eager: never capture CUDA graphs for decode steps.
+        async_scheduling: decode and colocated workers schedule and launch each
+            decode step while the previous one still runs on the device
+            (``engine.engine_core``); prefill workers ignore it.
         colocated: a decode worker that also computes prompts (``Generate``
             RPC), registered as a colocated worker: the baseline without
             disaggregation.
@@ -100,7 +103,7 @@ class WorkerConfig:
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = "tandem"
     worker_id: str | None = None
-    kv_transport: str = "tcp"
+    kv_transport: str = "auto"
     kv_transfer_layers_per_message: int = 8
     transfer_port: int = 0
     heartbeat_interval_s: float = 1.0
@@ -114,6 +117,7 @@ class WorkerConfig:
     enable_prefix_caching: bool = True
     kernels: str = "auto"
     enforce_eager: bool = False
+    async_scheduling: bool = False
     colocated: bool = False
     security: SecurityConfig = field(default_factory=SecurityConfig)
     drain_timeout_s: float = 30.0

@@ -144,7 +144,8 @@ def build_runtime(config: WorkerConfig) -> WorkerRuntime:
         ),
         KVCacheManager(pool, enable_prefix_caching=caching, model_id=model_config.model_id),
     )
-    loop: EngineLoop[EngineCore] = EngineLoop(EngineCore(scheduler, runner), load_snapshot)
+    core = EngineCore(scheduler, runner, async_scheduling=config.async_scheduling and config.role == "decode")
+    loop: EngineLoop[EngineCore] = EngineLoop(core, load_snapshot)
     loop.start()
     layout = KvLayout.for_cache(runner.kv_cache, model_config.model_id)
     metrics.kv_blocks_total.set(runner.num_kv_blocks)
