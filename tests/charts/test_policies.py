@@ -30,7 +30,7 @@ WORKER_PEER = [{"podSelector": {"matchLabels": {**RELEASE_LABELS, "tandem.dev/wo
 
 
 def test_only_the_router_reaches_worker_grpc_and_only_prefill_reaches_transfer() -> None:
-    docs = render()
+    docs = render(sets=("engine.kvTransport=tcp",))
     assert ingress(docs, "prefill") == [
         {"from": ROUTER_PEER, "ports": tcp(50061)},
         {"ports": tcp(9091)},
@@ -41,6 +41,23 @@ def test_only_the_router_reaches_worker_grpc_and_only_prefill_reaches_transfer()
         {"from": PREFILL_PEER, "ports": tcp(50071)},
     ]
     assert ingress(docs, "router") == [{"ports": tcp(50051)}, {"ports": tcp(9090)}]
+
+
+@pytest.mark.parametrize(
+    ("sets", "workers_open"),
+    [
+        ((), True),  # auto transport, device auto: nccl is possible across hosts
+        (("engine.device=cpu",), False),  # auto on CPU is always tcp
+        (("engine.kvTransport=tcp",), False),
+        (("engine.kvTransport=nccl", "engine.device=cpu"), True),
+    ],
+)
+def test_workers_reach_each_other_only_when_nccl_can_be_chosen(
+    sets: tuple[str, ...], workers_open: bool
+) -> None:
+    docs = render(sets=sets)
+    for component in ("prefill", "decode"):
+        assert ({"from": WORKER_PEER} in ingress(docs, component)) is workers_open
 
 
 def test_peer_labels_select_the_intended_pods() -> None:

@@ -104,7 +104,7 @@ def test_configmap_holds_model_and_engine_settings() -> None:
         "TANDEM_DTYPE": "auto",
         "TANDEM_BLOCK_SIZE": "16",
         "TANDEM_KV_CACHE_MEMORY_GB": "0.25",
-        "TANDEM_KV_TRANSPORT": "tcp",
+        "TANDEM_KV_TRANSPORT": "auto",
         "TANDEM_LEASE_MS": "30000",
         "TANDEM_MAX_NUM_SEQS": "64",
         "TANDEM_MAX_NUM_BATCHED_TOKENS": "2048",
