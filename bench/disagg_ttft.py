@@ -9,10 +9,15 @@ the workers' own RPCs, as the router does, one request at a time, timing:
 
 - **reserve**: ``DecodeWorker.Reserve`` (the decode worker's blocks, the queue a
   request meets before prefill when nothing else runs);
-- **prefill**: the prefill worker's queue plus compute (``PrefillResponse.prefill_seconds``);
-- **transfer, exposed**: the rest of the ``Prefill`` call, i.e. KV transfer not
-  hidden behind compute (plus one gRPC round trip); ``transfer_seconds`` is the
-  whole transfer, overlapped or not;
+- **engine queue**: the prompt's wait in the prefill engine's queue until a step
+  first scheduled it (``PrefillResponse.engine_queue_seconds``, reported by the worker
+  from its scheduler's timestamps; near 0 here, one request at a time);
+- **prefill**: the prompt's compute, from that first schedule to its first token
+  (``PrefillResponse.engine_prefill_seconds``);
+- **transfer, exposed**: the rest of the ``Prefill`` call after the worker's first
+  token (the call's time minus ``PrefillResponse.prefill_seconds``, the worker's
+  wall time to it), i.e. KV transfer not hidden behind compute plus one gRPC round
+  trip; ``transfer_seconds`` is the whole transfer, overlapped or not;
 - **first decode step**: ``Decode`` call to its first message (the decode worker
   commits the transferred blocks and runs one step).
 
@@ -144,7 +149,8 @@ def disaggregated_request(
     assert t3 is not None, "the decode stream sent nothing"
     return {
         "reserve_s": t1 - t0,
-        "prefill_s": prefilled.prefill_seconds,
+        "engine_queue_s": prefilled.engine_queue_seconds,
+        "prefill_s": prefilled.engine_prefill_seconds,
         "transfer_s": prefilled.transfer_seconds,
         "transfer_exposed_s": (t2 - t1) - prefilled.prefill_seconds,
         "ttft_s": t2 - t0,
@@ -174,7 +180,15 @@ def prompts(lengths: list[int], count: int, vocab_size: int) -> dict[int, list[l
 
 
 def median_row(runs: list[dict[str, Any]]) -> dict[str, float]:
-    keys = ("reserve_s", "prefill_s", "transfer_s", "transfer_exposed_s", "ttft_s", "first_decode_step_s")
+    keys = (
+        "reserve_s",
+        "engine_queue_s",
+        "prefill_s",
+        "transfer_s",
+        "transfer_exposed_s",
+        "ttft_s",
+        "first_decode_step_s",
+    )
     return {k: statistics.median(r[k] for r in runs) for k in keys} | {"kv_bytes": runs[0]["kv_bytes"]}
 
 
@@ -247,15 +261,16 @@ def main(argv: list[str] | None = None) -> int:
             for n, batch in by_len.items()
         }
     rows = []
-    print("| KV sending | prompt tokens | reserve ms | prefill ms | transfer ms (exposed) | first decode step ms | TTFT ms "
-          "| KV MiB | tokens = colocated |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| KV sending | prompt tokens | reserve ms | engine queue ms | prefill ms | transfer ms (exposed) "
+          "| first decode step ms | TTFT ms | KV MiB | tokens = colocated |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for (variant, n), runs in results.items():
         row = median_row(runs)
         same = [r["tokens"] for r in runs] == reference[n]
         rows.append({"variant": variant, "prompt_tokens": n, **row, "tokens_equal_colocated": same})
         print(
-            f"| {variant} | {n} | {row['reserve_s'] * 1e3:.1f} | {row['prefill_s'] * 1e3:.1f} | "
+            f"| {variant} | {n} | {row['reserve_s'] * 1e3:.1f} | {row['engine_queue_s'] * 1e3:.2f} | "
+            f"{row['prefill_s'] * 1e3:.1f} | "
             f"{row['transfer_s'] * 1e3:.1f} ({row['transfer_exposed_s'] * 1e3:.1f}) | "
             f"{row['first_decode_step_s'] * 1e3:.1f} | {row['ttft_s'] * 1e3:.1f} | "
             f"{row['kv_bytes'] / 2**20:.1f} | {same} |"

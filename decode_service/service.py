@@ -220,14 +220,21 @@ class DecodeService(worker_pb2_grpc.DecodeWorkerServicer):
             )
             stream = self._streams.open(request.request_id, rid, req.sampling.n, queue)
             await self._rt.loop.call(lambda c: c.add_request(req))
+            first = True
             async for out in self._outputs(stream, None):
-                yield worker_pb2.DecodeResponse(
+                msg = worker_pb2.DecodeResponse(
                     token_ids=out.new_token_ids,
                     finish_reason=finish_reason_to_pb(out.finish_reason),
                     logprobs=logprobs_list_to_pb(out.logprobs),
                     index=out.index,
                     prompt_logprobs=logprobs_list_to_pb(out.prompt_logprobs or []),
                 )
+                if first:  # the engine wrote the phase timestamps before the first output
+                    first = False
+                    msg.engine_queue_seconds = req.queue_seconds or 0.0
+                    msg.engine_prefill_seconds = req.prefill_seconds or 0.0
+                    self._rt.metrics.engine_queue.observe(msg.engine_queue_seconds)
+                yield msg
         except TandemError as exc:
             await abort_with(context, exc)
         finally:

@@ -6,14 +6,17 @@ carries exemplars) when the scraper's ``Accept`` header asks for it.
 
 Who records what:
 
-- router: the request-latency histograms (TTFT, TPOT, ITL, end to end, queue),
-  requests by status code and by finish reason, prompt and generation tokens,
-  routing decisions, prefix-index staleness; exemplars carry the request's trace
-  id when it is traced;
+- router: the request-latency histograms (TTFT, TPOT, ITL, end to end) and
+  TTFT's phases (queue: router wait plus the worker's engine queue; prefill
+  compute; KV transfer; all three as the workers report them), requests by
+  status code and by finish reason, prompt and generation tokens, routing
+  decisions, prefix-index staleness; exemplars carry the request's trace id
+  when it is traced;
 - prefill worker: prompt tokens, those taken from its prefix cache and those
   computed, prefix-cache evictions, KV sent (bytes counter, per-transfer bytes
-  and seconds histograms by backend);
-- decode worker: generation tokens it produced, KV received;
+  and seconds histograms by backend), engine queue time;
+- decode worker: generation tokens it produced, KV received (colocated: engine
+  queue time);
 - every worker: gauges of running and waiting requests, batch size and KV
   blocks used and total, read from the engine's load snapshot at each scrape.
 """
@@ -181,8 +184,31 @@ class ProcessMetrics:
         )
         self.request_queue = Histogram(
             "tandem_request_queue_seconds",
-            "Seconds from a request's arrival at the router until its prompt was sent to a prefill "
-            "worker (validation, routing, decode reservation).",
+            "Seconds a request waited before its prompt was first scheduled: at the router from "
+            "arrival until it called the prefill (or colocated) worker (validation, routing, "
+            "decode reservation), plus the wait in that worker's engine queue (reported by the "
+            "worker).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_prefill = Histogram(
+            "tandem_request_prefill_seconds",
+            "Seconds the prefill (or colocated) worker's engine computed a request's prompt, from "
+            "its first schedule to its first token (reported by the worker; router).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.request_kv_transfer = Histogram(
+            "tandem_request_kv_transfer_seconds",
+            "Seconds of a request's KV transfer as its prefill worker reported it, one sample per "
+            "request at the router (the workers' tandem_kv_transfer_seconds has it by backend).",
+            buckets=TRANSFER_SECONDS_BUCKETS,
+            registry=r,
+        )
+        self.engine_queue = Histogram(
+            "tandem_engine_queue_seconds",
+            "Seconds a request waited in this worker's engine queue until a step first scheduled "
+            "it (prefill and colocated workers).",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -218,6 +244,19 @@ class ProcessMetrics:
             if timer.ttft_s is not None and timer.num_output_tokens > 1:
                 tpot = (e2e_s - timer.ttft_s) / (timer.num_output_tokens - 1)
                 self.time_per_output_token.observe(tpot, exemplar=exemplar)
+
+    def observe_ttft_phases(
+        self, queue_s: float, prefill_s: float, kv_transfer_s: float | None = None
+    ) -> None:
+        """Record one request's TTFT phases at the router (seconds): queue (router wait plus
+        the worker's engine queue), prefill compute and, when disaggregated, the KV transfer.
+        Exemplars carry its trace id when it is traced."""
+        trace_id = current_trace_id()
+        exemplar = {"trace_id": trace_id} if trace_id else None
+        self.request_queue.observe(queue_s, exemplar=exemplar)
+        self.request_prefill.observe(prefill_s, exemplar=exemplar)
+        if kv_transfer_s is not None:
+            self.request_kv_transfer.observe(kv_transfer_s, exemplar=exemplar)
 
     def observe_transfer(self, backend: str, num_bytes: int, seconds: float) -> None:
         """Record one request's KV transfer on the sending side (bytes, seconds to the ack)."""

@@ -117,6 +117,17 @@ class Request:
             log-probabilities, ``n`` > 1, or a prefill worker's request).
         step_row: the request's row among the inputs of the step that last
             scheduled it (set by the scheduler; -1 before).
+        queued_time: when the scheduler took the request in (``add_request``;
+            seconds of the scheduler's clock, ``time.monotonic`` by default);
+            ``None`` for a request whose prompt was computed elsewhere
+            (``add_prefilled_request``).
+        first_scheduled_time: when a step first scheduled it (``None`` before).
+            A preempted request keeps it: its wait to be scheduled again
+            counts as compute, not queue (vLLM counts queue time to the first
+            schedule too).
+        first_token_time: when the step that computed the prompt's last chunk
+            completed; that step samples the first token, so this is also
+            when the first token was sampled (``None`` before).
     """
 
     req_id: str
@@ -139,6 +150,9 @@ class Request:
     num_output_placeholders: int = 0
     needs_host_tokens: bool = field(init=False, default=False)
     step_row: int = field(init=False, default=-1)
+    queued_time: float | None = None
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         sp = self.sampling
@@ -161,6 +175,22 @@ class Request:
     def schedule_key(self) -> tuple[int, float, int]:
         """Waiting-queue order: ``(priority, arrival_time, arrival_seq)``, smallest first."""
         return (self.priority, self.arrival_time, self.arrival_seq)
+
+    @property
+    def queue_seconds(self) -> float | None:
+        """Seconds in the waiting queue before the first schedule (``None`` until scheduled,
+        or when the scheduler never queued it)."""
+        if self.queued_time is None or self.first_scheduled_time is None:
+            return None
+        return self.first_scheduled_time - self.queued_time
+
+    @property
+    def prefill_seconds(self) -> float | None:
+        """Seconds from the first schedule to the first token: the prompt's compute,
+        chunks and any preemption included (``None`` until the first token)."""
+        if self.first_scheduled_time is None or self.first_token_time is None:
+            return None
+        return self.first_token_time - self.first_scheduled_time
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -57,6 +57,11 @@ Disaggregated roles:
   and :meth:`Scheduler.add_prefilled_request` turns the reservation into a
   RUNNING request whose prompt is already computed.
 
+Phase timestamps, read from the scheduler's ``clock`` once per request per
+phase: ``Request.queued_time`` (``add_request``), ``first_scheduled_time``
+(first admission; kept across preemption) and ``first_token_time`` (the
+first sampled token applied); workers report queue and prefill time from them.
+
 The scheduler never touches blocks itself; :class:`KVCacheManager` does.
 """
 
@@ -65,7 +70,8 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import itertools
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from engine.batch import (
@@ -133,11 +139,20 @@ class Scheduler:
     Args:
         config: batch, budget and length limits.
         kv_cache_manager: owner of the requests' block tables.
+        clock: seconds for the requests' phase timestamps (``Request.queued_time``,
+            ``first_scheduled_time``, ``first_token_time``); read once per request
+            per phase, never per step.
     """
 
-    def __init__(self, config: SchedulerConfig, kv_cache_manager: KVCacheManager) -> None:
+    def __init__(
+        self,
+        config: SchedulerConfig,
+        kv_cache_manager: KVCacheManager,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.kv_cache_manager = kv_cache_manager
+        self._clock = clock
         self.waiting: list[Request] = []  # sorted by Request.schedule_key
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}  # waiting and running (forked completions by own id)
@@ -227,6 +242,7 @@ class Scheduler:
         self._cap_max_model_len(request)
         request.status = RequestStatus.WAITING
         request.arrival_seq = next(self._arrivals)
+        request.queued_time = self._clock()
         self.requests[request.req_id] = request
         self._enqueue(request)
 
@@ -446,6 +462,8 @@ class Scheduler:
             request.num_computed_tokens = num_computed
             if request.status is RequestStatus.WAITING:  # a preempted request keeps its first count
                 request.num_cached_tokens = min(num_computed, request.num_prompt_tokens)
+            if request.first_scheduled_time is None:  # and its first schedule (Request docstring)
+                request.first_scheduled_time = self._clock()
             self.waiting.pop(0)
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -505,6 +523,8 @@ class Scheduler:
             if result is None:
                 raise ValueError(f"no token sampled for {seq.req_id!r}")
             request.num_output_placeholders -= 1
+            if request.first_token_time is None:
+                request.first_token_time = self._clock()
             if seq.samples is not None:
                 outputs.extend(self._fork(request, seq.samples))
             else:
@@ -571,6 +591,9 @@ class Scheduler:
                 index=i,
                 prompt_logprobs=request.prompt_logprobs if i == 0 else None,
                 arrival_seq=request.arrival_seq,
+                queued_time=request.queued_time,
+                first_scheduled_time=request.first_scheduled_time,
+                first_token_time=request.first_token_time,
             )
             for i in range(len(results))
         ]

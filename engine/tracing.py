@@ -252,6 +252,23 @@ def annotate_result(*, output_tokens: int, finish_reason: str | None, **extra: A
     annotate(extra)
 
 
+def annotate_phases(event: str, seconds: Mapping[str, float]) -> None:
+    """Record a request's phase durations on the current span: a ``tandem.phase.<name>_s``
+    attribute per entry of ``seconds`` (seconds) and one event ``event`` carrying the same
+    attributes, stamped now (nothing while the span does not record).
+
+    The router calls it when the first token is known (``tandem.first_token``: queue,
+    prefill, KV transfer) and when the decode worker's first message arrives
+    (``tandem.first_decode``).
+    """
+    span = trace.get_current_span()
+    if not span.is_recording():
+        return
+    attributes = {f"tandem.phase.{name}_s": value for name, value in seconds.items()}
+    span.set_attributes(attributes)
+    span.add_event(event, attributes)
+
+
 def transfer_attributes(backend: str, num_bytes: int, num_blocks: int, seconds: float) -> dict[str, Any]:
     """Attributes of a KV transfer span: bytes, blocks, backend, seconds and GB/s (10^9 bytes/s)."""
     return {

@@ -14,7 +14,10 @@ Request lifecycle on a prefill worker:
      the final prompt chunk computed it, overlapping the rest of the forward
      (:mod:`prefill_service.layer_stream`); otherwise the whole prompt is sent in one
      message after the forward;
-  4. the blocks are released (``release_held``) and the first token returned.
+  4. the blocks are released (``release_held``) and the first token returned,
+     with the TTFT breakdown on this worker: engine queue and prefill compute
+     (``Request`` phase timestamps, written by the scheduler) and KV transfer
+     seconds; the engine queue time is also ``tandem_engine_queue_seconds``.
 A cancellation or error at any point aborts the request and frees its blocks; a
 stream cut short is first abandoned (``KvSender.abandon``), so a device backend's
 copies have run and the decode worker's write grant closes.
@@ -116,7 +119,12 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
                 outs = [await self._first_output(queue) for _ in range(sampling.n)]  # one per completion
                 out = outs[0]
                 compute.set_attributes(
-                    {GEN_AI_USAGE_INPUT_TOKENS: len(prompt), "tandem.cached_tokens": out.num_cached_tokens}
+                    {
+                        GEN_AI_USAGE_INPUT_TOKENS: len(prompt),
+                        "tandem.cached_tokens": out.num_cached_tokens,
+                        "tandem.engine_queue_s": req.queue_seconds or 0.0,
+                        "tandem.engine_prefill_s": req.prefill_seconds or 0.0,
+                    }
                 )
             prefill_s = time.perf_counter() - started
             with span("kv.transfer") as transfer:
@@ -149,6 +157,9 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
         self._rt.metrics.prompt_tokens.inc(len(prompt))
         self._rt.metrics.prefix_cache_hit_tokens.inc(out.num_cached_tokens)
         self._rt.metrics.prefill_tokens.inc(len(prompt) - out.num_cached_tokens)
+        # Written on the engine thread before the first output was posted to `queue`.
+        queue_s, compute_s = req.queue_seconds or 0.0, req.prefill_seconds or 0.0
+        self._rt.metrics.engine_queue.observe(queue_s)
         response = worker_pb2.PrefillResponse(
             first_token_id=out.new_token_ids[0],
             num_cached_tokens=out.num_cached_tokens,
@@ -156,6 +167,8 @@ class PrefillService(worker_pb2_grpc.PrefillWorkerServicer):
             kv_blocks_sent=stats.num_blocks,
             prefill_seconds=prefill_s,
             transfer_seconds=stats.seconds,
+            engine_queue_seconds=queue_s,
+            engine_prefill_seconds=compute_s,
         )
         if out.logprobs:
             response.first_token_logprobs.CopyFrom(token_logprobs_to_pb(out.logprobs[0]))

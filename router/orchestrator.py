@@ -49,7 +49,7 @@ from engine.batch import TokenLogprobs
 from engine.codec import finish_reason_from_pb, sampling_params_to_pb, token_logprobs_from_pb
 from engine.errors import WorkerUnavailable
 from engine.metrics import ProcessMetrics
-from engine.tracing import annotate, span
+from engine.tracing import annotate, annotate_phases, span
 from router.completion_cancel import CompletionCanceller
 from router.migration import relay_concurrently, resumed
 from router.prefix_index import PrefixIndex, prefill_routing_request
@@ -121,7 +121,10 @@ class Orchestrator:
         prefix_index: the block-ownership index, consulted for the prefill
             pick when the policy uses it (``prefix``).
         metrics: counts ``tandem_routing_decisions_total`` (one per prefill pick) and
-            observes ``tandem_request_queue_seconds``.
+            observes TTFT's phases when the first token is known
+            (``tandem_request_queue_seconds``: the wait here plus the worker's engine
+            queue; ``tandem_request_prefill_seconds``;
+            ``tandem_request_kv_transfer_seconds``), which also go on the request's span.
         migrate_on_failure: resume a request whose decode worker died mid-stream on
             another decode worker (module docstring) instead of failing it.
         max_prefill_retries: other prefill workers tried after a ``Prefill`` call
@@ -179,7 +182,7 @@ class Orchestrator:
         colocated = self._pool.healthy(worker_pb2.WORKER_ROLE_COLOCATED)
         if colocated:  # the baseline deployment (`tandem serve --colocated`)
             async for chunk in self._generate_colocated(
-                req, self._policy.pick(colocated, routing), remaining(), canceller
+                req, self._policy.pick(colocated, routing), remaining(), started, canceller
             ):
                 yield chunk
             return
@@ -323,8 +326,7 @@ class Orchestrator:
             reservation = _Reservation(d_stub, reserved.destination, attempt_id)
             try:
                 p_stub = worker_pb2_grpc.PrefillWorkerStub(self._pool.channel(prefill.worker_id))
-                if self._metrics is not None and not tried:
-                    self._metrics.request_queue.observe(asyncio.get_running_loop().time() - started)
+                router_wait_s = asyncio.get_running_loop().time() - started
                 with self._pool.in_flight(prefill.worker_id, prefill_tokens):  # P's load ends with its call
                     prefilled = await p_stub.Prefill(
                         worker_pb2.PrefillRequest(
@@ -336,6 +338,13 @@ class Orchestrator:
                             priority=req.priority,
                         ),
                         timeout=remaining(),
+                    )
+                if not avoid_decode:  # else a stream resumed after a lost decode worker: no first token
+                    self._observe_first_token(
+                        router_wait_s,
+                        prefilled.engine_queue_seconds,
+                        prefilled.engine_prefill_seconds,
+                        prefilled.transfer_seconds,
                     )
                 return reservation, prefilled
             except grpc.aio.AioRpcError as exc:
@@ -370,12 +379,15 @@ class Orchestrator:
         req: ParsedRequest,
         worker: WorkerView,
         timeout_s: float | None,
+        started: float,
         canceller: CompletionCanceller | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        """The whole request on one colocated worker; cancelling the call frees its blocks."""
+        """The whole request on one colocated worker; cancelling the call frees its blocks.
+        ``started``: the request's arrival (event-loop time)."""
         with self._pool.in_flight(worker.worker_id, len(req.prompt_token_ids)):
             stub = worker_pb2_grpc.DecodeWorkerStub(self._pool.channel(worker.worker_id))
             worker_request_id = f"{req.request_id}.{uuid.uuid4().hex[:8]}"
+            router_wait_s = asyncio.get_running_loop().time() - started
             call = stub.Generate(
                 worker_pb2.LocalGenerateRequest(
                     request_id=worker_request_id,
@@ -388,9 +400,15 @@ class Orchestrator:
             try:
                 done: set[int] = set()
                 first_of_0 = True  # the worker sends prompt log-probabilities on completion 0's first message
+                first = True  # the stream's first message carries the worker's TTFT breakdown
                 async for msg in call:
                     if canceller is not None:
                         canceller.attach(stub, worker_request_id)
+                    if first:
+                        first = False
+                        self._observe_first_token(
+                            router_wait_s, msg.engine_queue_seconds, msg.engine_prefill_seconds
+                        )
                     finish = finish_reason_from_pb(msg.finish_reason)
                     logprobs = [token_logprobs_from_pb(lp) for lp in msg.logprobs]
                     prompt_logprobs = None
@@ -489,6 +507,23 @@ class Orchestrator:
                 self._release_in_background(stub, worker_pb2.ReleaseRequest(request_id=attempt_id))
                 raise
 
+    def _observe_first_token(
+        self,
+        router_wait_s: float,
+        engine_queue_s: float,
+        engine_prefill_s: float,
+        kv_transfer_s: float | None = None,
+    ) -> None:
+        """Record TTFT's phases (seconds) as the worker reported them: in the router's
+        histograms (queue = the wait here plus the worker's engine queue) and on the
+        request's span (``tandem.phase.*_s`` and a ``tandem.first_token`` event)."""
+        if self._metrics is not None:
+            self._metrics.observe_ttft_phases(router_wait_s + engine_queue_s, engine_prefill_s, kv_transfer_s)
+        phases = {"router_wait": router_wait_s, "engine_queue": engine_queue_s, "prefill": engine_prefill_s}
+        if kv_transfer_s is not None:
+            phases["kv_transfer"] = kv_transfer_s
+        annotate_phases("tandem.first_token", phases)
+
     def _finish_after_first_token(self, req: ParsedRequest, token_id: int) -> str | None:
         if (token_id in self._eos and not req.sampling.ignore_eos) or token_id in req.sampling.stop_token_ids:
             return "stop"
@@ -505,7 +540,9 @@ class Orchestrator:
         timeout_s: float | None,
         canceller: CompletionCanceller | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
-        """Relay D's stream for the completions not in ``done`` (those ended at their first token)."""
+        """Relay D's stream for the completions not in ``done`` (those ended at their first token);
+        the seconds to D's first message go on the request's span (``tandem.first_decode``)."""
+        called = asyncio.get_running_loop().time()
         call = reservation.stub.Decode(
             worker_pb2.DecodeRequest(
                 request_id=reservation.attempt_id,
@@ -522,6 +559,10 @@ class Orchestrator:
         done = set(done)
         try:
             async for msg in call:
+                if not reservation.handed_over:
+                    annotate_phases(
+                        "tandem.first_decode", {"first_decode": asyncio.get_running_loop().time() - called}
+                    )
                 reservation.handed_over = True
                 if canceller is not None:
                     canceller.attach(reservation.stub, reservation.attempt_id)

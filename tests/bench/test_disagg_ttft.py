@@ -26,6 +26,7 @@ def test_breakdown_and_tokens_match_colocated(tmp_path: Path) -> None:
     for row in report["rows"]:
         assert row["tokens_equal_colocated"] is True
         assert 0 < row["prefill_s"] < row["ttft_s"]
+        assert row["engine_queue_s"] >= 0 and row["engine_queue_s"] + row["prefill_s"] < row["ttft_s"]
         assert row["reserve_s"] > 0 and row["first_decode_step_s"] > 0
     # 40 tokens in 16-token blocks: 3 blocks of the bundled model's KV
     assert report["rows"][1]["kv_bytes"] == 3 * report["rows"][0]["kv_bytes"]
