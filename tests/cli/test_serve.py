@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,8 @@ from cli.main import build_parser
 from tests.helpers.net import free_port
 
 # A stand-in for `python -m cli.main <kind> ...`: serves grpc.health.v1 on --host:--port.
-# Extra flags: --fail (exit 3 at once), --exit-after S (exit 5 after S s), --never-serving.
+# Extra flags: --fail (exit 3 at once, or once the file --fail-when names exists),
+# --exit-after S (exit 5 after S s), --never-serving.
 FAKE_COMPONENT = """
 import argparse, asyncio, os, signal, sys, time
 import grpc
@@ -32,12 +34,16 @@ parser.add_argument("kind")
 parser.add_argument("--host")
 parser.add_argument("--port", type=int)
 parser.add_argument("--fail", action="store_true")
+parser.add_argument("--fail-when")
 parser.add_argument("--exit-after", type=float)
 parser.add_argument("--never-serving", action="store_true")
 args, _ = parser.parse_known_args()
 print("pid", os.getpid(), flush=True)
 print("argv", " ".join(sys.argv[1:]), flush=True)
 if args.fail:
+    deadline = time.monotonic() + 30
+    while args.fail_when and not os.path.exists(args.fail_when) and time.monotonic() < deadline:
+        time.sleep(0.01)
     print(f"fake {args.kind}: cannot load model", file=sys.stderr, flush=True)
     sys.exit(3)
 
@@ -219,9 +225,22 @@ def test_a_child_that_exits_during_startup_fails_with_its_log(
     cluster_file = tmp_path / "cluster.json"
     args = _serve_args(tmp_path, "--redis-url", "redis://127.0.0.1:1/0", "--cluster-file", str(cluster_file))
 
-    def command(kind: str, flags: list[str]) -> list[str]:
-        return [sys.executable, str(fake_component), kind, *flags, *(["--fail"] if kind == "prefill" else [])]
+    go = tmp_path / "go"
 
+    def command(kind: str, flags: list[str]) -> list[str]:
+        fail = ["--fail", "--fail-when", str(go)] if kind == "prefill" else []
+        return [sys.executable, str(fake_component), kind, *flags, *fail]
+
+    def fail_once_the_others_run() -> None:  # so that their logs name their pids
+        logs = [tmp_path / "run" / f"{name}.log" for name in ("decode-0", "router")]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all(
+            log.exists() and "pid " in log.read_text() for log in logs
+        ):
+            time.sleep(0.01)
+        go.touch()
+
+    threading.Thread(target=fail_once_the_others_run, daemon=True).start()
     assert serve.run(args, command_builder=command) == 1
     err = capsys.readouterr().err
     assert "tandem serve: prefill-0 (pid " in err
