@@ -91,7 +91,6 @@ class KVCacheManager:
         num_tokens: int,
         req_id: str | None = None,
         cached_blocks: Sequence[KVCacheBlock] = (),
-        write_pos: int | None = None,
     ) -> bool:
         """Whether :meth:`allocate` for ``num_tokens`` tokens would succeed now.
 
@@ -100,12 +99,11 @@ class KVCacheManager:
             req_id: the request (blocks it already holds count); ``None`` for a new one.
             cached_blocks: cached leading blocks a new request would share
                 (from :meth:`find_cached_prefix`); free ones leave the free queue.
-            write_pos: first position the step writes; counts the block that
-                :meth:`copy_on_write` would need there.
+
+        A running request that may write into a shared block also needs
+        :meth:`num_copy_on_write_blocks` more (the scheduler adds them).
         """
         needed = self.num_blocks_needed(num_tokens, req_id) - len(cached_blocks)
-        if req_id is not None and write_pos is not None:
-            needed += self.num_copy_on_write_blocks(req_id, write_pos)
         taken = sum(1 for b in cached_blocks if b.ref_cnt == 0)
         return needed <= self.block_pool.num_free_blocks - taken
 
@@ -279,7 +277,7 @@ class KVCacheManager:
 
         Raises:
             CapacityExceeded: no free block for the copy (check with
-                :meth:`can_allocate` and ``write_pos`` first).
+                :meth:`num_copy_on_write_blocks` first).
         """
         if not self.num_copy_on_write_blocks(req_id, write_pos):
             return None

@@ -359,7 +359,7 @@ class Scheduler:
         kv = self.kv_cache_manager
         req_id = request.req_id
         write_pos = request.num_computed_tokens
-        while True:  # as kv.can_allocate(num_tokens, req_id, write_pos=write_pos), parts kept
+        while True:  # kv.can_allocate plus copy-on-write blocks, parts kept for below
             needed = kv.num_blocks_needed(num_tokens, req_id)
             copies = kv.num_copy_on_write_blocks(req_id, write_pos)
             if needed + copies <= kv.num_free_blocks:
